@@ -1,0 +1,39 @@
+// Argument validation shared by the CPU and CUDA registrations.  Every message names the argument,
+// what was expected and what was given.  Value checks of per-row parameter tensors are done here
+// only for CPU tensors (reading CUDA tensors would need a host sync); see docs/semantics.md.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include "esamp/common.h"
+#include "esamp/distiller.h"
+#include "esamp/sampling.h"
+
+namespace esamp_torch {
+
+esamp::DType to_kernel_dtype(at::ScalarType t, const char* arg);
+std::string shape_str(const at::Tensor& t);
+
+// Builds a kernel problem from validated tensors (also used by the CUDA registration).
+esamp::ReweightProblem make_reweight_problem(const at::Tensor& logits, const at::Tensor& pred_hidden,
+                                             const at::Tensor& lm_head_weight,
+                                             const std::optional<at::Tensor>& lm_head_bias, const at::Tensor& beta,
+                                             const at::Tensor& temperature, const at::Tensor& top_k,
+                                             const at::Tensor& top_p, const at::Tensor& min_p,
+                                             const at::Tensor* seed, const at::Tensor* step);
+
+esamp::MixHiddenProblem make_mix_hidden_problem(const at::Tensor& hidden, const at::Tensor& pred_hidden,
+                                                const at::Tensor& beta, at::Tensor& out);
+
+// Checks the bank tensors and returns the shape; H is taken from x (forward/train) or given (reset).
+esamp::DistillerShape check_bank(const at::Tensor& params, int64_t H, int64_t rank, int64_t layers,
+                                 double norm_eps);
+void check_bank_state(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& step);
+esamp::RowsIn make_rows(const at::Tensor& params, const at::Tensor& x, const at::Tensor* target,
+                        const at::Tensor& slot_ids);
+void check_slot_list(const at::Tensor& slot_ids, int64_t S, const at::Tensor& params);
+void check_adam(double lr, double beta1, double beta2, double adam_eps, double clip);
+
+void check_status(esamp::Status s, const char* op);
+
+}  // namespace esamp_torch
