@@ -115,9 +115,15 @@ void distiller_reset_cpu(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& ex
                "distiller_reset");
 }
 
+void capture_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& residual, at::Tensor& out) {
+  esamp::CaptureProblem pr = make_capture_problem(hidden, residual, out);
+  check_status(esamp::capture_cpu(pr), "capture");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(esamp, CPU, m) {
+  m.impl("capture", &capture_cpu);
   m.impl("reweight", &reweight_cpu);
   m.impl("reweight_logits", &reweight_logits_cpu);
   m.impl("mix_hidden", &mix_hidden_cpu);

@@ -27,4 +27,7 @@ TORCH_LIBRARY(esamp, m) {
   m.def(
       "distiller_reset(Tensor(a!) params, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) step, "
       "Tensor slot_ids, int hidden_size, int rank, int layers, int seed, Tensor? gamma_init) -> ()");
+  // Engine capture point: out[:N] = hidden (+ residual), converted to out's dtype; N = hidden.size(0)
+  // <= out.size(0).  A real op (not a Python hook) so it survives torch.compile and CUDA-graph replay.
+  m.def("capture(Tensor hidden, Tensor? residual, Tensor(a!) out) -> ()");
 }

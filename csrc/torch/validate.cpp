@@ -255,3 +255,38 @@ void check_status(esamp::Status s, const char* op) {
 }
 
 }  // namespace esamp_torch
+
+namespace esamp_torch {
+
+esamp::CaptureProblem make_capture_problem(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                                           const at::Tensor& out) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden: expected a 2-D tensor [N, H], got shape ", shape_str(hidden));
+  const int64_t N = hidden.size(0), H = hidden.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == H && out.size(0) >= N,
+              "out: expected a 2-D buffer [M, H] with H = ", H, " and M >= N = ", N, ", got ", shape_str(out));
+  TORCH_CHECK(out.device() == hidden.device(), "out: expected a tensor on ", hidden.device(), ", got ", out.device());
+  check_rows(hidden, "hidden");
+  check_rows(out, "out");
+  esamp::CaptureProblem pr;
+  pr.N = N;
+  pr.H = H;
+  pr.hidden = hidden.data_ptr();
+  pr.hidden_dtype = to_kernel_dtype(hidden.scalar_type(), "hidden");
+  pr.hidden_stride = hidden.stride(0);
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == hidden.sizes(), "residual: expected shape ", shape_str(hidden), " (the shape of hidden), got ",
+                shape_str(r));
+    TORCH_CHECK(r.device() == hidden.device(), "residual: expected a tensor on ", hidden.device(), ", got ", r.device());
+    check_rows(r, "residual");
+    pr.residual = r.data_ptr();
+    pr.residual_dtype = to_kernel_dtype(r.scalar_type(), "residual");
+    pr.residual_stride = r.stride(0);
+  }
+  pr.out = out.data_ptr();
+  pr.out_dtype = to_kernel_dtype(out.scalar_type(), "out");
+  pr.out_stride = out.stride(0);
+  return pr;
+}
+
+}  // namespace esamp_torch

@@ -37,3 +37,8 @@ void check_adam(double lr, double beta1, double beta2, double adam_eps, double c
 void check_status(esamp::Status s, const char* op);
 
 }  // namespace esamp_torch
+
+namespace esamp_torch {
+esamp::CaptureProblem make_capture_problem(const at::Tensor& hidden, const std::optional<at::Tensor>& residual,
+                                           const at::Tensor& out);
+}  // namespace esamp_torch

@@ -6,6 +6,7 @@
 """
 from . import _ops as ops  # noqa: F401  (loads torch.ops.esamp.*)
 from .distiller import Distiller  # noqa: F401
+from .trainer import Trainer  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["ops", "Distiller", "__version__"]
+__all__ = ["ops", "Distiller", "Trainer", "__version__"]

@@ -12,6 +12,7 @@ __all__ = [
     "reweight",
     "reweight_logits",
     "mix_hidden",
+    "capture",
     "distiller_forward",
     "distiller_train_step",
     "distiller_reset",
@@ -136,6 +137,16 @@ def _distiller_reset_fake(params, exp_avg, exp_avg_sq, step, slot_ids, hidden_si
     return None
 
 
+@torch.library.register_fake("esamp::capture")
+def _capture_fake(hidden, residual, out):
+    torch._check(hidden.dim() == 2, lambda: f"hidden: expected [N, H], got {tuple(hidden.shape)}")
+    torch._check(
+        out.dim() == 2 and out.shape[1] == hidden.shape[1] and out.shape[0] >= hidden.shape[0],
+        lambda: f"out: expected [M >= {hidden.shape[0]}, {hidden.shape[1]}], got {tuple(out.shape)}",
+    )
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Python wrappers (SPEC 7)
 # --------------------------------------------------------------------------------------------
@@ -246,6 +257,11 @@ def mix_hidden(hidden: torch.Tensor, pred_hidden: torch.Tensor, beta: RowArg = 0
     b = _row(beta, "beta", hidden.shape[0], torch.float32, hidden.device,
              _expect(_finite_nonneg, "beta", "a finite value >= 0"))
     return _ops.mix_hidden(hidden, pred_hidden, b)
+
+
+def capture(hidden: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """out[:N] = hidden (+ residual) in out's dtype (engine capture point; torch.compile/CUDA-graph safe)."""
+    _ops.capture(hidden, residual, out)
 
 
 def distiller_forward(params, x, slot_ids, *, rank: int, layers: int, norm_eps: float = 1e-6, out_dtype=None):

@@ -61,3 +61,17 @@ Status mix_hidden_cuda(const MixHiddenProblem& pr, cudaStream_t stream);
 #endif
 
 }  // namespace esamp
+
+namespace esamp {
+// Engine capture point: out[r, :] = hidden[r, :] (+ residual[r, :]) for r < N, fp32 math.
+struct CaptureProblem {
+  int64_t N = 0, H = 0;
+  const void* hidden = nullptr;   DType hidden_dtype = DType::kF32;   int64_t hidden_stride = 0;
+  const void* residual = nullptr; DType residual_dtype = DType::kF32; int64_t residual_stride = 0;  // or null
+  void* out = nullptr;            DType out_dtype = DType::kF32;      int64_t out_stride = 0;
+};
+Status capture_cpu(const CaptureProblem& pr);
+#if defined(ESAMP_WITH_CUDA)
+Status capture_cuda(const CaptureProblem& pr, cudaStream_t stream);
+#endif
+}  // namespace esamp
