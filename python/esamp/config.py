@@ -44,8 +44,9 @@ class ESampConfig:
                    position, before the first token is sampled (0 = no warm start, as in the paper).
     dtype          dtype in which x and t are handed to the distiller (None: the model's hidden-state dtype).  The
                    distiller's parameters and optimizer state are float32 whatever this says.
-    async_trainer  run distiller updates on the persistent trainer (esamp.Trainer, SPEC 6).  Not available yet:
-                   True raises NotImplementedError rather than silently training synchronously.
+    async_trainer  run the distiller updates on the persistent trainer esamp.Trainer (SPEC 6: a worker thread on
+                   CPU, a high-priority stream on CUDA) instead of synchronously after each step.  Predictions still
+                   see every earlier update, so both settings give the same tokens.
     init_seed      seed of the distiller initialisation (the sampling seed is given per call).
     """
 
@@ -96,10 +97,6 @@ class ESampConfig:
             object.__setattr__(self, "dtype", dt)
         if not isinstance(self.async_trainer, bool):
             bad("async_trainer", "a bool")
-        if self.async_trainer:
-            raise NotImplementedError(
-                "ESampConfig.async_trainer=True needs the persistent trainer esamp.Trainer (SPEC 6), which this "
-                "build does not provide yet; use async_trainer=False (updates run synchronously after each step).")
         if not _is_int(self.init_seed):
             bad("init_seed", "an int")
 

@@ -94,12 +94,13 @@ def find_final_norm(model: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def make_sampler(model: nn.Module, config: Optional[ESampConfig] = None, *, slots: Optional[int] = None) -> ESamp:
+def make_sampler(model: nn.Module, config: Optional[ESampConfig] = None, *, slots: Optional[int] = None,
+                 ring_rows: int = 1024) -> ESamp:
     """An esamp.ESamp sized for `model` (hidden size and device of its LM head; distiller output scale initialised
     with the model's final-norm weight when one is found)."""
     head = find_lm_head(model)
     return ESamp(config, hidden_size=int(head.weight.shape[1]), device=head.weight.device, slots=slots,
-                 gamma_init=find_final_norm(model))
+                 gamma_init=find_final_norm(model), ring_rows=ring_rows)
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -342,20 +343,31 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
     latent = False
     request_ids: List[Any] = []
     if esamp is not None:
+        # largest update: all prompt positions (warm start) or all rows (decode)
+        ring_rows = max(B, sum(len(p) for p in prompt_ids))
         if isinstance(esamp, ESampConfig):
-            es = make_sampler(model, esamp, slots=P)
+            es = make_sampler(model, esamp, slots=P, ring_rows=max(1024, ring_rows))
         else:
             es = esamp
             if es.hidden_size != W.shape[1]:
                 raise ValueError(f"esamp: the ESamp's hidden_size {es.hidden_size} does not match the model's "
                                  f"LM-head input size {W.shape[1]}")
-            es.ensure_slots(P)
+        es.ensure_slots(P, rows=ring_rows)
         latent = es.latent_mixing(top_k=top_k, top_p=top_p, min_p=min_p, vocab_size=V) and temperature > 0
+        runner = _Runner(es, es.config.source_layer, model, latent, temperature)   # validates source_layer
         call_id = next(_CALLS)
-        request_ids = [("esamp.hf.generate", call_id, p) for p in range(P)]
-        prompt_slots = torch.tensor([es.acquire(r) for r in request_ids], dtype=torch.long, device=device)
+        slot_list: List[int] = []
+        try:
+            for p in range(P):
+                slot_list.append(es.acquire(("esamp.hf.generate", call_id, p)))
+                request_ids.append(("esamp.hf.generate", call_id, p))
+        except BaseException:
+            runner.remove()
+            for r in request_ids:
+                es.release(r)
+            raise
+        prompt_slots = torch.tensor(slot_list, dtype=torch.long, device=device)
         row_slots = prompt_slots.repeat_interleave(n)
-        runner = _Runner(es, es.config.source_layer, model, latent, temperature)
 
     seeds = row_seeds(seed, B, device)
     out_tok = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -556,26 +568,29 @@ class ESampLogitsProcessor(_LogitsProcessorBase):
     def _begin(self, B: int):
         for r in self._requests:
             self.es.release(r)
+        self._requests = []
         if B % self.n != 0:
             raise ValueError(f"ESampLogitsProcessor: batch of {B} rows is not a multiple of "
                              f"num_return_sequences = {self.n}")
         P = B // self.n
-        self.es.ensure_slots(P)
+        # the prefill pass of the first row of every prompt (for the warm start)
+        x_seq, t_seq = self.taps.x_seq, self.taps.t_seq
+        warm = self.es.config.warmup_steps > 0 and x_seq is not None and x_seq.shape[1] > 1
+        if warm:
+            rows = torch.arange(0, B, self.n, device=x_seq.device)
+            mask = self.taps.attention_mask
+            if mask is None or mask.dim() != 2:
+                valid = torch.ones((P, x_seq.shape[1]), dtype=torch.bool, device=x_seq.device)
+            else:
+                valid = mask[rows].bool()[:, -x_seq.shape[1]:]
+        self.es.ensure_slots(P, rows=max(B, int(valid.sum()) if warm else 0))
         call_id = next(_CALLS)
         self._requests = [("esamp.hf.ESampLogitsProcessor", call_id, p) for p in range(P)]
         slots = torch.tensor([self.es.acquire(r) for r in self._requests], dtype=torch.long, device=self.W.device)
         self._row_slots = slots.repeat_interleave(self.n)
         self._finished = torch.zeros(B, dtype=torch.bool, device=self.W.device)
         self._batch = B
-        # warm start on the prefill pass of the first row of every prompt
-        x_seq, t_seq = self.taps.x_seq, self.taps.t_seq
-        if self.es.config.warmup_steps > 0 and x_seq is not None and x_seq.shape[1] > 1:
-            rows = torch.arange(0, B, self.n, device=x_seq.device)
-            mask = self.taps.attention_mask
-            if mask is None or mask.dim() != 2:
-                valid = torch.ones(x_seq.shape[:2], dtype=torch.bool, device=x_seq.device)[rows]
-            else:
-                valid = mask[rows].bool()[:, -x_seq.shape[1]:]
+        if warm:
             self.es.warm_start(x_seq[rows][valid], t_seq[rows][valid], slots.repeat_interleave(valid.sum(1)))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -19,14 +19,14 @@ numbers (SPEC 4), so that ESamp with beta = 0 reproduces vanilla sampling token 
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Hashable, Iterable, List, Optional, Union
+from typing import Dict, Hashable, List, Optional, Union
 
 import torch
 
 from . import _ops as ops
 from .config import ESampConfig
 from .distiller import Distiller
+from .trainer import Trainer
 
 __all__ = ["ESamp", "sample_tokens", "filters_active", "row_seeds"]
 
@@ -104,7 +104,7 @@ class ESamp:
 
     def __init__(self, config: Optional[ESampConfig] = None, *, hidden_size: int,
                  device: Union[str, torch.device] = "cpu", slots: Optional[int] = None,
-                 gamma_init: Optional[torch.Tensor] = None):
+                 gamma_init: Optional[torch.Tensor] = None, ring_rows: int = 1024):
         config = ESampConfig() if config is None else config
         if not isinstance(config, ESampConfig):
             raise TypeError(f"config: expected an esamp.ESampConfig, got {type(config).__name__}")
@@ -120,6 +120,9 @@ class ESamp:
         self.hidden_size = hidden_size
         self.device = torch.device(device)
         self.gamma_init = None if gamma_init is None else gamma_init.detach().to(self.device, torch.float32)
+        self.ring_rows = int(ring_rows)
+        if self.ring_rows < 1:
+            raise ValueError(f"ring_rows: expected an int >= 1, got {ring_rows!r}")
         self._new_bank(S)
         self._owner: Dict[Hashable, int] = {}
         self._counts = {"requests": 0, "warmup_rows": 0, "warmup_steps": 0, "decode_rows": 0, "decode_steps": 0,
@@ -128,31 +131,51 @@ class ESamp:
     # ------------------------------------------------------------------ bank and slots
     def _new_bank(self, S: int) -> None:
         c = self.config
-        self.distiller = Distiller(self.hidden_size, rank=c.effective_rank, layers=c.layers, slots=S, lr=c.lr,
-                                   adam_eps=c.adam_eps, clip=c.clip, device=self.device, seed=c.init_seed,
-                                   gamma_init=self.gamma_init)
+        kw = dict(rank=c.effective_rank, layers=c.layers, slots=S, lr=c.lr, adam_eps=c.adam_eps, clip=c.clip,
+                  device=self.device, seed=c.init_seed, gamma_init=self.gamma_init)
+        if c.async_trainer:
+            self.trainer: Optional[Trainer] = Trainer(self.hidden_size, ring_rows=self.ring_rows, **kw)
+            self.distiller: Optional[Distiller] = None
+        else:
+            self.trainer = None
+            self.distiller = Distiller(self.hidden_size, **kw)
+        self._nslots = S
         self._free: List[int] = list(range(S))
+
+    def _reset_slots(self, slots) -> None:
+        self.bank.reset(slots)
 
     @property
     def slots(self) -> int:
-        return self.distiller.slots
+        return self._nslots
+
+    @property
+    def bank(self) -> Union[Distiller, Trainer]:
+        """The esamp.Distiller (synchronous updates) or esamp.Trainer (async_trainer=True) holding the slots."""
+        return self.trainer if self.trainer is not None else self.distiller
 
     @property
     def active_requests(self) -> int:
         return len(self._owner)
 
-    def ensure_slots(self, n: int) -> None:
-        """Make room for `n` concurrent requests.  In per-prompt mode with config.slots = None the bank grows
-        (only while no request is active); with a fixed config.slots a request beyond it raises."""
-        if self.config.mode == "shared" or n <= self.slots:
-            return
-        if self.config.slots is not None:
+    def ensure_slots(self, n: int, rows: int = 0) -> None:
+        """Make room for `n` concurrent requests (and, with the async trainer, updates of up to `rows` rows).
+
+        In per-prompt mode with config.slots = None the bank grows (only while no request is active); with a fixed
+        config.slots a request beyond it raises.  A rebuilt bank starts from fresh slots."""
+        grow = self.config.mode != "shared" and n > self.slots
+        if grow and self.config.slots is not None:
             raise ValueError(f"slots: this call needs {n} concurrent per-prompt distillers, but "
                              f"ESampConfig.slots = {self.config.slots}; raise slots or pass fewer prompts")
+        ring = self.trainer is not None and rows > self.ring_rows
+        if not (grow or ring):
+            return
         if self._owner:
-            raise RuntimeError(f"ESamp: cannot grow the bank from {self.slots} to {n} slots while "
-                               f"{len(self._owner)} requests are active")
-        self._new_bank(n)
+            raise RuntimeError(f"ESamp: cannot grow the bank (slots {self.slots} -> {n}, ring rows "
+                               f"{self.ring_rows} -> {rows}) while {len(self._owner)} requests are active")
+        if ring:
+            self.ring_rows = rows
+        self._new_bank(max(n, self.slots) if self.config.mode != "shared" else 1)
 
     def acquire(self, request_id: Hashable) -> int:
         """Slot of a new request.  Per-prompt mode: a free slot, re-initialised (parameters and Adam state) so
@@ -166,7 +189,7 @@ class ESamp:
                 raise RuntimeError(f"ESamp: all {self.slots} distiller slots are in use "
                                    f"(active requests: {len(self._owner)}); release one or raise slots")
             slot = self._free.pop(0)
-            self.distiller.reset([slot])
+            self._reset_slots([slot])
         self._owner[request_id] = slot
         self._counts["requests"] += 1
         return slot
@@ -185,7 +208,7 @@ class ESamp:
 
     def reset(self) -> None:
         """Re-initialise every slot (also the shared one)."""
-        self.distiller.reset(torch.arange(self.slots))
+        self._reset_slots(torch.arange(self.slots))
 
     # ------------------------------------------------------------------ per-step pieces
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
@@ -195,7 +218,8 @@ class ESamp:
     def warm_start(self, x: torch.Tensor, t: torch.Tensor, slot_ids: torch.Tensor,
                    steps: Optional[int] = None) -> Optional[torch.Tensor]:
         """`steps` (default config.warmup_steps) optimizer steps on prompt pairs (x [N, H], t [N, H]) with
-        per-row slot ids [N].  Returns the last step's per-slot losses (None when steps = 0)."""
+        per-row slot ids [N].  Returns the last step's per-slot losses (None when steps = 0 or with the async
+        trainer, whose updates are still queued)."""
         steps = self.config.warmup_steps if steps is None else steps
         if steps <= 0 or x.shape[0] == 0:
             return None
@@ -203,7 +227,7 @@ class ESamp:
         slot_ids = slot_ids.to(self.device, torch.int64)
         losses = None
         for _ in range(steps):
-            losses = self.distiller.train_step(x, t, slot_ids)
+            losses = self._train(x, t, slot_ids)
         self._counts["warmup_rows"] += x.shape[0] * steps
         self._counts["warmup_steps"] += steps
         return losses
@@ -212,7 +236,16 @@ class ESamp:
         """Distiller prediction t_hat [B, H] (in x's dtype) for source rows x [B, H]."""
         x = self._cast(x).contiguous()
         self._counts["predicted_rows"] += x.shape[0]
-        return self.distiller.forward(x, slot_ids.to(self.device, torch.int64))
+        slot_ids = slot_ids.to(self.device, torch.int64)
+        if self.trainer is not None:
+            return self.trainer.predict(x, slot_ids)
+        return self.distiller.forward(x, slot_ids)
+
+    def _train(self, x: torch.Tensor, t: torch.Tensor, slot_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.trainer is not None:
+            self.trainer.observe(x, t, slot_ids)   # queued; the next predict() waits for it
+            return None
+        return self.distiller.train_step(x, t, slot_ids)
 
     def latent_mixing(self, *, top_k: RowArg = 0, top_p: RowArg = 1.0, min_p: RowArg = 0.0, vocab_size: int) -> bool:
         """Whether this step can use latent mixing (SPEC 3: no filter active) instead of the fused reweight."""
@@ -247,11 +280,12 @@ class ESamp:
                              step=step)
 
     def update(self, x: torch.Tensor, t: torch.Tensor, slot_ids: torch.Tensor) -> Optional[torch.Tensor]:
-        """One optimizer step on this step's rows (x [N, H], t [N, H]); returns per-slot losses [S]."""
+        """One optimizer step on this step's rows (x [N, H], t [N, H]); returns per-slot losses [S] (None with the
+        async trainer: the step is queued and runs while the caller continues)."""
         if x.shape[0] == 0:
             return None
-        losses = self.distiller.train_step(self._cast(x).contiguous(), self._cast(t).contiguous(),
-                                           slot_ids.to(self.device, torch.int64))
+        losses = self._train(self._cast(x).contiguous(), self._cast(t).contiguous(),
+                             slot_ids.to(self.device, torch.int64))
         self._counts["decode_rows"] += x.shape[0]
         self._counts["decode_steps"] += 1
         return losses
@@ -276,11 +310,15 @@ class ESamp:
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> Dict[str, object]:
-        """Trainer counters (reads the device: a host synchronisation) and host-side bookkeeping."""
-        s: Dict[str, object] = dict(self.distiller.stats())
+        """Trainer counters (a host synchronisation; with the async trainer it first waits for queued updates) and
+        host-side bookkeeping (rows handed to warm start / updates / predictions)."""
+        if self.trainer is not None:
+            self.trainer.synchronize()
+        s: Dict[str, object] = dict(self.bank.stats())
         s.update(self._counts)
         s["slots"] = self.slots
-        s["nbytes_per_slot"] = self.distiller.nbytes_per_slot
+        s["nbytes_per_slot"] = self.bank.nbytes_per_slot
+        s["async_trainer"] = self.trainer is not None
         return s
 
     def __repr__(self) -> str:
