@@ -559,3 +559,54 @@ def test_reweight_logits_bad_input():
         esamp.ops.reweight_logits(d["logits"], d["pred"], d["W"], top_p=0.0)
     with pytest.raises(RuntimeError, match="lm_head_weight"):
         esamp.ops.reweight_logits(d["logits"], d["pred"], torch.randn(10, 5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage conversions over every bit pattern, and the benchmark baseline
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=DNAME.get)
+def test_every_16bit_logit_pattern(dt):
+    # All 65536 bit patterns as one row of logits (beta = 0, T = 1, no filter): the mixed logits are the
+    # exact float32 values (subnormals included), NaN -> -inf (not a candidate), +inf -> FLT_MAX.
+    l = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dt)[None, :]
+    out = esamp.ops.reweight_logits(l, torch.zeros(1, 1), torch.zeros(l.shape[1], 1, dtype=dt), beta=0.0)
+    want = l.float()
+    want = torch.where(torch.isnan(want), torch.tensor(float("-inf")), want)
+    want = torch.where(want == float("inf"), torch.tensor(torch.finfo(torch.float32).max), want)
+    assert torch.equal(out, want)
+    # Same patterns through the weight path: W = the patterns as one column, pred = 1, beta = 1, l = 0:
+    # m_c = -d_c = -W_c exactly for every finite W_c.
+    V = l.shape[1]
+    W = l.reshape(V, 1)
+    fin = torch.isfinite(W.float())[:, 0]
+    for dense in (False, True):
+        # no filter -> |C| = V -> dense GEMM path (W converted in chunks); top_k = V/8 -> sparse dot products
+        kw = dict() if dense else dict(top_k=V // 8)
+        lz = torch.zeros(1, V) if dense else torch.arange(V, dtype=torch.float32)[None, :] * 1e-3
+        out = esamp.ops.reweight_logits(lz, torch.ones(1, 1), W, beta=1.0, **kw)
+        cand = torch.isfinite(out[0]) & fin
+        assert int(cand.sum()) > (V // 10 if not dense else V // 2)
+        want = (2 * lz[0] - W[:, 0].float())
+        assert torch.equal(out[0][cand], want[cand])
+
+
+def test_eager_baseline_samples_the_same_distribution():
+    # reweight_eager (the benchmark baseline) uses torch.rand noise, so its tokens differ from the kernels';
+    # but every token must lie in the reference candidate set and its logprob must be log softmax(m)[token].
+    B, V, H = 16, 1001, 64
+    logits, pred, W, bias = make_problem(B, V, H, seed=81)
+    full = lambda x, dt=torch.float32: torch.full((B,), x, dtype=dt)  # noqa: E731
+    T = torch.tensor([1.0, 0.0, 0.7, 1.5] * 4)
+    for filt in FILTERS:
+        params = dict(beta=full(0.25), temperature=T, top_k=full(filt.get("top_k", 0), torch.int64),
+                      top_p=full(filt.get("top_p", 1.0)), min_p=full(filt.get("min_p", 0.0)))
+        tok, lp = ref.reweight_eager(logits, pred, W, bias, params["beta"], params["temperature"], params["top_k"],
+                                     params["top_p"], params["min_p"], generator=torch.Generator().manual_seed(1))
+        rows = ref.reweight_details(logits, pred, W, bias, **params)
+        for r, row in enumerate(rows):
+            if row["margin"] < MARGIN:
+                continue
+            assert row["mask"][int(tok[r])]
+            m = row["m"][row["mask"]].astype(np.float64)
+            want = 0.0 if row["greedy"] else float(row["m"][int(tok[r])]) - (m.max() + math.log(np.exp(m - m.max()).sum()))
+            assert abs(float(lp[r]) - want) < 1e-4

@@ -324,9 +324,8 @@ def reweight_eager(logits: torch.Tensor, pred_hidden: torch.Tensor, lm_head_weig
             ps = torch.softmax(zs, dim=-1)
             cs = ps.cumsum(dim=-1)
             n = torch.searchsorted(cs, top_p[:, None].to(cs.dtype)).clamp(max=z.shape[-1] - 1)
-            tau = ps.gather(1, n)
-            p = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
-            keep &= (p >= tau) | (top_p[:, None] >= 1)
+            # Threshold in z (exact), not in p: a second softmax over the unsorted row rounds differently.
+            keep &= (z >= zs.gather(1, n)) | (top_p[:, None] >= 1)
     d = pred_hidden.float() @ lm_head_weight.float().t()
     if lm_head_bias is not None:
         d = d + lm_head_bias.float()
