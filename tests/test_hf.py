@@ -226,12 +226,28 @@ def test_slots_are_reset_between_requests(family_model, tok):
 
 
 def test_shared_mode_keeps_learning_across_calls(family_model, tok):
+    """A shared distiller is not reset by a new call: after calls a, b its state differs from that of a fresh
+    shared distiller after call b alone (with a reset they would be bit-identical: everything is seeded)."""
     _, model = family_model
-    es = hf.make_sampler(model, ESampConfig(mode="shared", rank=8, beta=1.0))
+    cfg = ESampConfig(mode="shared", rank=8, beta=1.0)
+    es = hf.make_sampler(model, cfg)
     a = gen(model, tok, n=3, max_new_tokens=8, esamp=es, seed=1)
     b = gen(model, tok, n=3, max_new_tokens=8, esamp=es, seed=1)
-    assert es.slots == 1 and a.token_ids != b.token_ids
+    only_b = hf.make_sampler(model, cfg)
+    gen(model, tok, n=3, max_new_tokens=8, esamp=only_b, seed=1)
+    assert es.slots == 1
+    assert not all(torch.equal(v, only_b.distiller.slot_state_dict(0)[k])
+                   for k, v in es.distiller.slot_state_dict(0).items())
     assert b.stats["trainer"]["rows_trained"] > a.stats["trainer"]["rows_trained"] > 0
+    # per-prompt mode, same experiment: the reset makes the two states identical
+    pp = hf.make_sampler(model, CFG)
+    gen(model, tok, n=3, max_new_tokens=8, esamp=pp, seed=1)
+    gen(model, tok, n=3, max_new_tokens=8, esamp=pp, seed=1)
+    pp_b = hf.make_sampler(model, CFG)
+    gen(model, tok, n=3, max_new_tokens=8, esamp=pp_b, seed=1)
+    for s in range(pp.slots):
+        assert all(torch.equal(v, pp_b.distiller.slot_state_dict(s)[k])
+                   for k, v in pp.distiller.slot_state_dict(s).items())
 
 
 def test_async_trainer_gives_the_same_tokens(family_model, tok):
