@@ -281,7 +281,7 @@ def make_tiny(tmp_path=None):
                                          eos_token_id=2, bos_token_id=1, pad_token_id=0))
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 2.0 / math.sqrt(32))
-        model.lm_head.weight[2] += 0.3 * model.lm_head.weight[5]     # EOS reachable within a few tokens
+        model.lm_head.weight[2] *= 2.0                                 # EOS common within ~10 tokens
     model.eval()
     if tmp_path is not None:
         model.save_pretrained(tmp_path)
@@ -333,6 +333,29 @@ def test_exempt_sampler_reduces_to_esamp_and_to_vanilla(tiny, min_p):
     assert es.stats()["rows_trained"] == 0
     _gen(model, tok, es, min_p=min_p)
     assert es.stats()["rows_trained"] > 0
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", ["vanilla", "esamp", "esamp+min_p"])
+def test_base_logprob_tap_matches_a_scoring_pass(tiny, kind):
+    """The in-loop base-model log-probabilities equal those of a separate scoring pass (esamp.metrics.perplexity)."""
+    from esamp.config import ESampConfig
+    from esamp.eval import diversity
+
+    model, tok = tiny
+    cfg = ESampConfig(beta=0.5, rank=8, warmup_steps=3)
+    m = {"vanilla": diversity.Method("v", "vanilla", temperature=1.2),
+         "esamp": diversity.esamp_method(cfg), "esamp+min_p": diversity.esamp_method(cfg, min_p=0.05)}[kind]
+    out, blp = diversity.run_method(model, tok, PROMPTS, m, n=4, max_new_tokens=10, seed=5, chat=False,
+                                    base_logprobs=True)
+    plain = diversity.run_method(model, tok, PROMPTS, m, n=4, max_new_tokens=10, seed=5, chat=False)
+    assert plain.token_ids == out.token_ids                       # the tap changes nothing
+    rows = [ids for g in out.token_ids for ids in g]
+    assert [len(x) for x in blp] == [len(ids) for ids in rows]
+    assert any(len(ids) < 10 for ids in rows) and any(len(ids) == 10 for ids in rows)   # EOS and full-length rows
+    prompts = [out.prompt_token_ids[p] for p in range(len(PROMPTS)) for _ in range(4)]
+    ref = metrics.perplexity(model, prompts, rows, pad_id=0)
+    assert [-sum(x) for x in blp] == pytest.approx(ref["nll"], rel=1e-4, abs=1e-4)
 
 
 @needs_hf

@@ -81,6 +81,8 @@ def _common(p: argparse.ArgumentParser, *, n: int, max_new_tokens: int, seeds: s
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (0: leave the default); 1 is much faster on an oversubscribed machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +209,9 @@ def main(argv: Optional[List[str]] = None, log=None) -> int:
         ap.error(f"-n: expected >= 1, got {args.n}")
     from ..models import ModelNotInstalledError
 
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         return _cmd_diversity(args, log) if args.command == "diversity" else _cmd_passk(args, log)
     except (ModelNotInstalledError, FileNotFoundError, ValueError, ImportError) as e:

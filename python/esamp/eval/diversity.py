@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..config import ESampConfig
 
 __all__ = ["Method", "build_methods", "load_prompts", "BUILTIN_PROMPTS", "score_run", "run_method",
-           "run_diversity", "DEFAULT_POSITIONS"]
+           "run_diversity", "BaseLogprobTap", "DEFAULT_POSITIONS"]
 
 BUILTIN_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
 DEFAULT_POSITIONS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -145,18 +145,80 @@ def _mean(v: Sequence[float]) -> float:
     return sum(v) / len(v) if v else float("nan")
 
 
-def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int]) -> Dict[str, Any]:
-    """Metrics of one generation run (an esamp.hf.GenerationOutput): per prompt and aggregated."""
+class BaseLogprobTap:
+    """Log-probabilities of the generated tokens under the base model (T = 1, no filter), taken in the generation
+    loop itself: a forward pre-hook on the LM head (registered before esamp.hf.generate's own hooks, so it sees the
+    unmixed LM-head input t) computes log_softmax(W t + b) of every row, and the next step's input ids (a forward
+    pre-hook on the model) pick the sampled token.  This costs one LM-head product per step, instead of a second
+    pass of the whole model over prompt + completion (esamp.metrics.perplexity gives the same numbers)."""
+
+    def __init__(self, model, n: int):
+        from .. import hf
+
+        head = hf.find_lm_head(model)
+        self.W, self.b, self.n = head.weight, getattr(head, "bias", None), n
+        self.steps: List[Any] = []
+        self._prev = None
+        self._handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+                         head.register_forward_pre_hook(self._on_head)]
+
+    def _on_model(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._prev is not None and ids is not None and ids.shape[0] == self._prev.shape[0]:
+            self.steps.append(self._prev.gather(1, ids[:, -1:]).squeeze(1))
+            self._prev = None
+
+    def _on_head(self, module, args):
+        import torch
+
+        h = args[0][:, -1].float()
+        logits = h @ self.W.float().t()
+        if self.b is not None:
+            logits = logits + self.b.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        if self._prev is None and not self.steps and self.n > 1:      # prefill: one row per prompt
+            logp = logp.repeat_interleave(self.n, 0)
+        self._prev = logp
+
+    def finish(self, token_ids: Sequence[Sequence[Sequence[int]]]) -> List[List[float]]:
+        """Per completion (prompt-major order): the base log-probability of every generated token."""
+        import torch
+
+        for hd in self._handles:
+            hd.remove()
+        rows = [ids for group in token_ids for ids in group]
+        if self._prev is not None:                     # the last step's tokens never came back as input ids
+            k = len(self.steps)
+            last = torch.tensor([ids[k] if len(ids) > k else 0 for ids in rows], device=self._prev.device)
+            self.steps.append(self._prev.gather(1, last[:, None]).squeeze(1))
+            self._prev = None
+        table = torch.stack(self.steps, 1).cpu() if self.steps else torch.zeros(len(rows), 0)
+        return [table[r, : len(ids)].tolist() for r, ids in enumerate(rows)]
+
+    def close(self):
+        for hd in self._handles:
+            hd.remove()
+
+
+def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
+              base_logprobs: Optional[Sequence[Sequence[float]]] = None) -> Dict[str, Any]:
+    """Metrics of one generation run (an esamp.hf.GenerationOutput): per prompt and aggregated.  PPL comes from
+    `base_logprobs` (BaseLogprobTap) when given, else from a scoring pass (esamp.metrics.perplexity)."""
     from .. import metrics
 
     per_prompt: Dict[str, List[float]] = {"similarity": [], "vendi": [], "distinct_1": [], "distinct_2": [],
                                           "nll": [], "tokens": [], "eos": [], "samples": []}
-    prompts, comps = [], []
-    for p, group in enumerate(out.token_ids):
-        for ids in group:
-            prompts.append(out.prompt_token_ids[p])
-            comps.append(ids)
-    ppl = metrics.perplexity(model, prompts, comps, pad_id=pad_id)
+    if base_logprobs is None:
+        prompts, comps = [], []
+        for p, group in enumerate(out.token_ids):
+            for ids in group:
+                prompts.append(out.prompt_token_ids[p])
+                comps.append(ids)
+        ppl = metrics.perplexity(model, prompts, comps, pad_id=pad_id, batch_size=32)
+        nll_rows, tok_rows = ppl["nll"], ppl["tokens"]
+    else:
+        nll_rows = [-float(sum(lp)) for lp in base_logprobs]
+        tok_rows = [len(lp) for lp in base_logprobs]
     eos = set(eos_ids)
     r = 0
     for p, texts in enumerate(out.texts):
@@ -166,8 +228,8 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int]) -> D
         per_prompt["distinct_1"].append(metrics.distinct_n(texts, 1))
         per_prompt["distinct_2"].append(metrics.distinct_n(texts, 2))
         k = len(texts)
-        per_prompt["nll"].append(sum(ppl["nll"][r:r + k]))
-        per_prompt["tokens"].append(sum(ppl["tokens"][r:r + k]))
+        per_prompt["nll"].append(sum(nll_rows[r:r + k]))
+        per_prompt["tokens"].append(sum(tok_rows[r:r + k]))
         per_prompt["eos"].append(sum(1 for ids in out.token_ids[p] if ids and ids[-1] in eos))
         per_prompt["samples"].append(k)
         r += k
@@ -192,8 +254,9 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int]) -> D
 
 
 def run_method(model, tokenizer, prompts: Sequence[str], method: Method, *, n: int, max_new_tokens: int, seed: int,
-               chat: bool = True, progress: bool = False):
-    """One generation run of `method` (an esamp.hf.GenerationOutput)."""
+               chat: bool = True, progress: bool = False, base_logprobs: bool = False):
+    """One generation run of `method` (an esamp.hf.GenerationOutput).  With ``base_logprobs=True`` returns
+    (output, per-completion base-model log-probabilities of the generated tokens) instead."""
     from .. import hf
     from .exempt import make_exempt_sampler
 
@@ -202,9 +265,16 @@ def run_method(model, tokenizer, prompts: Sequence[str], method: Method, *, n: i
         cfg = method.esamp.replace(init_seed=seed)
         es = cfg if method.exempt is None else make_exempt_sampler(model, cfg, tokenizer, mode=method.exempt,
                                                                    slots=len(prompts))
-    return hf.generate(model, tokenizer, list(prompts), n=n, max_new_tokens=max_new_tokens,
-                       temperature=method.temperature, top_k=method.top_k, top_p=method.top_p, min_p=method.min_p,
-                       seed=seed, esamp=es, chat=chat, progress=progress, desc=method.name[:40])
+    tap = BaseLogprobTap(model, n) if base_logprobs else None
+    try:
+        out = hf.generate(model, tokenizer, list(prompts), n=n, max_new_tokens=max_new_tokens,
+                          temperature=method.temperature, top_k=method.top_k, top_p=method.top_p,
+                          min_p=method.min_p, seed=seed, esamp=es, chat=chat, progress=progress,
+                          desc=method.name[:40])
+    finally:
+        if tap is not None:
+            tap.close()
+    return (out, tap.finish(out.token_ids)) if tap is not None else out
 
 
 def _run_key(method: Method, settings: Dict[str, Any], seed: int) -> str:
@@ -261,12 +331,12 @@ def run_diversity(model, tokenizer, prompts: Sequence[Dict[str, str]], methods: 
                 if seed == position_seed and "positions" not in rec:
                     rec = None                     # cached without the curve this call needs: run again
             if rec is None:
-                out = run_method(model, tokenizer, texts, m, n=n, max_new_tokens=max_new_tokens, seed=seed,
-                                 chat=chat, progress=progress)
+                out, blp = run_method(model, tokenizer, texts, m, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                                      chat=chat, progress=progress, base_logprobs=True)
                 if m.esamp is not None and out.stats["trainer"]["rows_trained"] == 0:
                     raise RuntimeError(f"{m.name} seed {seed}: the distiller trained zero rows (failed run)")
                 rec = {"method": m.to_dict(), "seed": seed, "settings": settings}
-                rec.update(score_run(out, model, embedder, pad_id=pad_id, eos_ids=eos_ids))
+                rec.update(score_run(out, model, embedder, pad_id=pad_id, eos_ids=eos_ids, base_logprobs=blp))
                 rec["texts"] = out.texts
                 if seed == position_seed:
                     rec["positions"] = {"k": list(positions), "similarity": metrics.similarity_by_position(

@@ -211,8 +211,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
     seeds = st["seeds"]
     lines = [f"{len(st['prompts'])} prompts x n = {st['n']} samples, {st['max_new_tokens']} new tokens, seeds "
              f"{', '.join(str(s) for s in seeds)} (mean ± sample std over seeds), model {st['model']}.", ""]
-    lines += ["| method | T | min-p | similarity ↓ | Vendi ↑ | distinct-1 ↑ | distinct-2 ↑ | PPL ↓ | tokens | "
-              "EOS rate | tokens/s |",
+    lines += ["| method | T | min-p | similarity ↓ | Vendi ↑ | distinct-1 ↑ | distinct-2 ↑ | PPL ↓ | tokens "
+              "| EOS rate | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["methods"]:
         r = runs.get(m["name"], {})
