@@ -7,11 +7,12 @@
   graph re-executes it, which a Python hook would not.  It runs before the next layer's fused add-norm
   overwrites ``residual`` in place.  The buffer is registered as a non-persistent module buffer, so dynamo
   lifts it as a graph input with a fixed address and it never enters a state dict.
-* LM-head input: ``model.compute_logits`` is wrapped on the instance to remember its last input; the
-  sampler takes that record (and clears it) when its row count matches the logits it samples.
+* LM-head input: ``model.compute_logits`` is wrapped on the instance to remember its last input together
+  with a weak reference to the logits it returned; the sampler takes the record only for those very logits.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, Optional
 
 import torch
@@ -75,34 +76,41 @@ def find_decoder(model: nn.Module) -> Optional[nn.Module]:
 
 
 class LMHeadInputRecorder:
-    """Wraps ``model.compute_logits`` on the instance; ``take(n)`` returns the last input if it had n rows."""
+    """Wraps ``model.compute_logits`` on the instance and remembers (its input, a weak reference to its
+    output).  ``take(logits)`` returns the input only for the very logits tensor the sampler was handed:
+    vLLM's runner computes the logits and passes that same tensor to the sampler (grammar masks are applied
+    in place), while prompt-logprob and other compute_logits calls produce other tensors and are ignored."""
 
     def __init__(self, model: nn.Module):
         self._model = model
         self._orig: Callable = model.compute_logits
         self._last: Optional[torch.Tensor] = None
+        self._last_out: Optional[weakref.ref] = None
         self.calls = 0
         orig = self._orig
 
         def compute_logits(hidden_states, *args, **kwargs):
             logits = orig(hidden_states, *args, **kwargs)
-            self._last = hidden_states
+            if isinstance(logits, torch.Tensor):
+                self._last, self._last_out = hidden_states, weakref.ref(logits)
             self.calls += 1
             return logits
 
         compute_logits._esamp_recorder = self  # type: ignore[attr-defined]
         model.compute_logits = compute_logits
 
-    def take(self, num_rows: int) -> Optional[torch.Tensor]:
-        last, self._last = self._last, None
-        if last is None or last.dim() != 2 or last.shape[0] != num_rows:
+    def take(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        last, ref = self._last, self._last_out
+        if ref is None or ref() is not logits:
+            return None
+        self._last, self._last_out = None, None
+        if last.dim() != 2 or last.shape[0] != logits.shape[0]:
             return None
         return last
 
     def clear(self) -> None:
-        self._last = None
+        self._last, self._last_out = None, None
 
     def remove(self) -> None:
         if getattr(self._model.__dict__.get("compute_logits"), "_esamp_recorder", None) is self:
             del self._model.__dict__["compute_logits"]
-

@@ -246,7 +246,7 @@ class ESampRuntime:
     # ------------------------------------------------------------------ sampling
     def begin_step(self, logits: torch.Tensor, input_batch: Any) -> Optional[_Step]:
         n = logits.shape[0]
-        lm_in = self.recorder.take(n)
+        lm_in = self.recorder.take(logits)
         idx_np = np.asarray(input_batch.idx_mapping_np)
         if getattr(input_batch, "num_draft_tokens", 0) or idx_np.shape[0] != n:
             self.counters["steps_skipped"] += 1
