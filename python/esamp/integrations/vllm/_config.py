@@ -155,7 +155,8 @@ class RequestConfig:
 def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
     """Per-request settings from ``SamplingParams.extra_args``.
 
-    Accepted forms: ``{"esamp": True/False}``, ``{"esamp": {"enabled": bool, "beta": float}}`` and the flat
+    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"/"true"/"false", as the OpenAI server's
+    ``vllm_xargs`` cannot carry booleans), ``{"esamp": {"enabled": bool, "beta": float}}`` and the flat
     ``{"esamp_beta": float}``.  A request that sets a beta without "enabled" opts in even when default_on
     is false.  Raises ConfigError on bad values (the plugin validates this at SamplingParams construction,
     so the engine never sees them).
@@ -167,8 +168,12 @@ def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig
         return RequestConfig(enabled, beta)
     v = extra_args.get("esamp")
     if v is not None:
-        if isinstance(v, bool):
-            enabled = v
+        if isinstance(v, (bool, int, str)):  # the OpenAI server's vllm_xargs carries no bools: 0/1, "on"/"off"
+            try:
+                enabled = _as_bool("esamp", v)
+            except ConfigError:
+                raise ConfigError(f"extra_args['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
+                                  f"'enabled'/'beta', got {v!r}") from None
         elif isinstance(v, Mapping):
             unknown = set(v) - {"enabled", "beta"}
             if unknown:
