@@ -1,30 +1,194 @@
-// CUDA registrations: same validation as the CPU side (validate.cpp), device guard, current stream,
-// launch-error check via the returned Status.
+// CUDA registrations: the same validation as the CPU side (validate.cpp), then a device guard, the
+// current stream, a workspace from the caching allocator (graph-safe: no cudaMalloc during capture
+// once the pool is warm, and never a host synchronisation), and check_status on the kernel result.
+//
+// Values inside per-row CUDA tensors (beta, temperature, top_p, min_p, slot ids) are not read here
+// (that would need a host sync); the kernels treat out-of-range values defensively, see the top of
+// csrc/cuda/reweight.cu and csrc/cuda/distiller.cu.
+//
+// The kernels do not use cuBLAS (segmented SIMT GEMMs, see csrc/cuda/distiller.cu), so no cuBLAS
+// handle is passed (nullptr).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
+
+#include "../cuda/distiller_cuda.cuh"
 #include "validate.h"
 
 namespace esamp_torch {
 namespace {
 
+cudaStream_t current_stream(const at::Device& d) { return c10::cuda::getCurrentCUDAStream(d.index()).stream(); }
+
+void check_on_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor (this is the CUDA kernel of the op), got a tensor on ",
+              t.device());
+}
+
+// Workspace from the caching allocator (at least 1 byte so that data_ptr is valid).
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> reweight_cuda(const at::Tensor& logits, const at::Tensor& pred_hidden,
+                                                 const at::Tensor& lm_head_weight,
+                                                 const std::optional<at::Tensor>& lm_head_bias, const at::Tensor& beta,
+                                                 const at::Tensor& temperature, const at::Tensor& top_k,
+                                                 const at::Tensor& top_p, const at::Tensor& min_p,
+                                                 const at::Tensor& seed, const at::Tensor& step) {
+  esamp::ReweightProblem pr = make_reweight_problem(logits, pred_hidden, lm_head_weight, lm_head_bias, beta,
+                                                    temperature, top_k, top_p, min_p, &seed, &step);
+  check_on_cuda(logits, "logits");
+  TORCH_CHECK(pr.V < INT_MAX - 8192, "logits: expected V < ", INT_MAX - 8192, " on CUDA, got ", pr.V);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor tokens = at::empty({pr.B}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({pr.B}, logits.options().dtype(at::kFloat));
+  if (pr.B > 0) {
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr);
+    at::Tensor ws = workspace(ws_bytes, logits);
+    check_status(esamp::reweight_cuda(pr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), ws.data_ptr(),
+                                      ws_bytes, nullptr, current_stream(logits.device())),
+                 "reweight");
+  }
+  return {tokens, logprobs};
+}
+
+at::Tensor reweight_logits_cuda(const at::Tensor& logits, const at::Tensor& pred_hidden,
+                                const at::Tensor& lm_head_weight, const std::optional<at::Tensor>& lm_head_bias,
+                                const at::Tensor& beta, const at::Tensor& temperature, const at::Tensor& top_k,
+                                const at::Tensor& top_p, const at::Tensor& min_p) {
+  esamp::ReweightProblem pr = make_reweight_problem(logits, pred_hidden, lm_head_weight, lm_head_bias, beta,
+                                                    temperature, top_k, top_p, min_p, nullptr, nullptr);
+  check_on_cuda(logits, "logits");
+  TORCH_CHECK(pr.V < INT_MAX - 8192, "logits: expected V < ", INT_MAX - 8192, " on CUDA, got ", pr.V);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor out = at::empty({pr.B, pr.V}, logits.options().dtype(at::kFloat));
+  if (pr.B > 0) {
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr);
+    at::Tensor ws = workspace(ws_bytes, logits);
+    check_status(esamp::reweight_logits_cuda(pr, out.data_ptr<float>(), pr.V, ws.data_ptr(), ws_bytes, nullptr,
+                                             current_stream(logits.device())),
+                 "reweight_logits");
+  }
+  return out;
+}
+
 at::Tensor mix_hidden_cuda(const at::Tensor& hidden, const at::Tensor& pred_hidden, const at::Tensor& beta) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
   at::Tensor out;
   esamp::MixHiddenProblem pr = make_mix_hidden_problem(hidden, pred_hidden, beta, out);
+  check_on_cuda(hidden, "hidden");
   TORCH_CHECK(pr.B <= 65535, "hidden: expected at most 65535 rows on CUDA, got ", pr.B);
-  if (pr.B > 0 && pr.H > 0)
-    check_status(esamp::mix_hidden_cuda(pr, c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream()),
-                 "mix_hidden");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  if (pr.B > 0 && pr.H > 0) check_status(esamp::mix_hidden_cuda(pr, current_stream(hidden.device())), "mix_hidden");
   return out;
+}
+
+// Limits of the CUDA distiller kernels (grid dimensions and 32-bit row indices).
+void check_distiller_limits(const esamp::DistillerShape& sh, int64_t S, int64_t N) {
+  TORCH_CHECK(sh.H <= (int64_t{1} << 21), "x: expected hidden size H <= 2097152 on CUDA, got ", sh.H);
+  TORCH_CHECK(sh.R <= (int64_t{1} << 20), "rank: expected <= 1048576 on CUDA, got ", sh.R);
+  TORCH_CHECK(S <= INT_MAX, "params: expected at most ", INT_MAX, " slots on CUDA, got ", S);
+  TORCH_CHECK(N <= (int64_t{1} << 30), "x: expected at most 2^30 rows on CUDA, got ", N);
+}
+
+at::Tensor distiller_forward_cuda(const at::Tensor& params, const at::Tensor& x, const at::Tensor& slot_ids,
+                                  int64_t rank, int64_t layers, double norm_eps,
+                                  std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
+  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
+  esamp::RowsIn rows = make_rows(params, x, nullptr, slot_ids);
+  at::ScalarType odt = out_dtype.value_or(x.scalar_type());
+  esamp::DType kodt = to_kernel_dtype(odt, "out_dtype");
+  check_on_cuda(params, "params");
+  const int64_t S = params.size(0);
+  check_distiller_limits(sh, S, rows.N);
+  const c10::cuda::CUDAGuard guard(params.device());
+  at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(odt));
+  if (rows.N > 0) {
+    const size_t ws_bytes = esamp::distiller_cuda_forward_workspace_bytes(sh, S, rows.N);
+    at::Tensor ws = workspace(ws_bytes, params);
+    check_status(esamp::distiller_forward_cuda(sh, params.data_ptr<float>(), S, rows, out.data_ptr(), kodt, sh.H,
+                                               ws.data_ptr(), ws_bytes, nullptr, current_stream(params.device())),
+                 "distiller_forward");
+  }
+  return out;
+}
+
+void distiller_train_step_cuda(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step,
+                               at::Tensor& losses, at::Tensor& stats, const at::Tensor& x, const at::Tensor& target,
+                               const at::Tensor& slot_ids, int64_t rank, int64_t layers, double norm_eps, double lr,
+                               double beta1, double beta2, double adam_eps, double clip) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
+  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
+  check_bank_state(params, exp_avg, exp_avg_sq, step);
+  check_adam(lr, beta1, beta2, adam_eps, clip);
+  const int64_t S = params.size(0);
+  TORCH_CHECK(losses.dim() == 1 && losses.size(0) == S && losses.scalar_type() == at::kFloat &&
+                  losses.is_contiguous() && losses.device() == params.device(),
+              "losses: expected a contiguous float32 tensor [S] with S = ", S, " on ", params.device(), ", got ",
+              losses.scalar_type(), " ", shape_str(losses), " on ", losses.device());
+  TORCH_CHECK(stats.dim() == 1 && stats.size(0) == esamp::kNumStats && stats.scalar_type() == at::kDouble &&
+                  stats.is_contiguous() && stats.device() == params.device(),
+              "stats: expected a contiguous float64 tensor [4] on ", params.device(), ", got ", stats.scalar_type(),
+              " ", shape_str(stats), " on ", stats.device());
+  esamp::RowsIn rows = make_rows(params, x, &target, slot_ids);
+  check_on_cuda(params, "params");
+  check_distiller_limits(sh, S, rows.N);
+  esamp::AdamConfig cfg;
+  cfg.lr = static_cast<float>(lr);
+  cfg.beta1 = static_cast<float>(beta1);
+  cfg.beta2 = static_cast<float>(beta2);
+  cfg.eps = static_cast<float>(adam_eps);
+  cfg.clip = static_cast<float>(clip);
+  const c10::cuda::CUDAGuard guard(params.device());
+  esamp::DistillerBank bank{S, params.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+                            step.data_ptr<int64_t>()};
+  const size_t ws_bytes = esamp::distiller_cuda_workspace_bytes(sh, S, rows.N);
+  at::Tensor ws = workspace(ws_bytes, params);
+  check_status(esamp::distiller_train_step_cuda(sh, cfg, bank, rows, losses.data_ptr<float>(),
+                                                stats.data_ptr<double>(), ws.data_ptr(), ws_bytes, nullptr,
+                                                current_stream(params.device())),
+               "distiller_train_step");
+}
+
+void distiller_reset_cuda(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step,
+                          const at::Tensor& slot_ids, int64_t hidden_size, int64_t rank, int64_t layers, int64_t seed,
+                          const std::optional<at::Tensor>& gamma_init) {
+  esamp::DistillerShape sh = check_bank(params, hidden_size, rank, layers, 1e-6);
+  check_bank_state(params, exp_avg, exp_avg_sq, step);
+  check_slot_list(slot_ids, params.size(0), params);
+  const float* g = nullptr;
+  if (gamma_init.has_value()) {
+    const at::Tensor& gi = *gamma_init;
+    TORCH_CHECK(gi.dim() == 1 && gi.size(0) == hidden_size && gi.scalar_type() == at::kFloat && gi.is_contiguous() &&
+                    gi.device() == params.device(),
+                "gamma_init: expected a contiguous float32 tensor [H] with H = ", hidden_size, " on ",
+                params.device(), ", got ", gi.scalar_type(), " ", shape_str(gi), " on ", gi.device());
+    g = gi.data_ptr<float>();
+  }
+  check_on_cuda(params, "params");
+  check_distiller_limits(sh, params.size(0), 0);
+  const c10::cuda::CUDAGuard guard(params.device());
+  esamp::DistillerBank bank{params.size(0), params.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                            exp_avg_sq.data_ptr<float>(), step.data_ptr<int64_t>()};
+  check_status(esamp::distiller_reset_cuda(sh, bank, slot_ids.data_ptr<int64_t>(), slot_ids.numel(),
+                                           static_cast<uint64_t>(seed), g, current_stream(params.device())),
+               "distiller_reset");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(esamp, CUDA, m) {
+  m.impl("reweight", &reweight_cuda);
+  m.impl("reweight_logits", &reweight_logits_cuda);
   m.impl("mix_hidden", &mix_hidden_cuda);
+  m.impl("distiller_forward", &distiller_forward_cuda);
+  m.impl("distiller_train_step", &distiller_train_step_cuda);
+  m.impl("distiller_reset", &distiller_reset_cuda);
 }
 
 }  // namespace esamp_torch
