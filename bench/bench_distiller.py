@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the batched forward+loss")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the phases of the fused-Adam baseline (forward+loss, backward, clip, Adam)")
     args = ap.parse_args()
     if args.iters < 20:
         ap.error("--iters: expected >= 20 (medians of fewer runs are not reported)")
@@ -119,6 +121,31 @@ def main() -> None:
     print(f"  esamp counters after the timed runs: {st}")
     if st["rows_trained"] == 0:
         raise SystemExit("FAILED: esamp trained zero rows")
+
+    if args.breakdown and "fused" in bases:
+        base = bases["fused"]
+        phases = {"forward+loss": [], "backward": [], "clip": [], "Adam(fused)": []}
+        for it in range(args.warmup + args.iters):
+            for q in base.leaves:
+                q.grad = None
+            t0 = time.perf_counter()
+            losses_b = (base.forward(x3) - t3).pow(2).mean(dim=(1, 2))
+            t1 = time.perf_counter()
+            losses_b.sum().backward()
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                sq = sum(q.grad.reshape(S, -1).pow(2).sum(dim=1) for q in base.leaves)
+                coef = torch.clamp(base.clip / (sq.sqrt() + 1e-6), max=1.0)
+                for q in base.leaves:
+                    q.grad.mul_(coef.view(-1, *([1] * (q.dim() - 1))))
+            t3_ = time.perf_counter()
+            base.opt.step()
+            t4 = time.perf_counter()
+            if it >= args.warmup:
+                for k, v in zip(phases, (t1 - t0, t2 - t1, t3_ - t2, t4 - t3_)):
+                    phases[k].append(v)
+        print("  fused baseline phases (medians): " +
+              ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in phases.items()))
 
     # Forward (predict) only.
     print(f"distiller forward (predict): B = {B} rows over S = {S} slots")

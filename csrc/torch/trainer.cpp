@@ -109,8 +109,32 @@ class Trainer : public torch::CustomClassHolder {
   }
 
   // Predictions for rows x with per-row slot ids; sees every update observed before this call.
+  // CPU: waits for the queue to drain, then holds the worker off (a reader count) while it reads the
+  // parameters, so an update queued concurrently by another thread never writes them mid-read.
   at::Tensor predict(const at::Tensor& x, const at::Tensor& slot_ids) {
-    wait_updates();
+#if defined(ESAMP_WITH_CUDA)
+    if (dev_.is_cuda()) {
+      wait_updates();
+      return forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt);
+    }
+#endif
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      const int64_t target = submitted_;
+      cv_done_.wait(lk, [&] { return completed_ >= target || !error_.empty(); });
+      rethrow_locked();
+      ++readers_;
+    }
+    struct Release {
+      Trainer* t;
+      ~Release() {
+        {
+          std::lock_guard<std::mutex> lk(t->mu_);
+          --t->readers_;
+        }
+        t->cv_job_.notify_all();
+      }
+    } release{this};
     return forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt);
   }
 
@@ -296,7 +320,7 @@ class Trainer : public torch::CustomClassHolder {
       Job j;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_job_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        cv_job_.wait(lk, [&] { return (stop_ && queue_.empty()) || (!queue_.empty() && readers_ == 0); });
         if (queue_.empty()) return;  // stop requested and nothing left
         j = std::move(queue_.front());
         queue_.pop_front();
@@ -337,6 +361,7 @@ class Trainer : public torch::CustomClassHolder {
   std::deque<Job> queue_;
   std::vector<bool> seg_busy_;
   int64_t submitted_ = 0, completed_ = 0;
+  int64_t readers_ = 0;  // predictions reading the parameters right now (the worker waits for 0)
   bool stop_ = false;
   std::string error_;
 #if defined(ESAMP_WITH_CUDA)

@@ -176,8 +176,8 @@ esamp::DistillerShape check_bank(const at::Tensor& params, int64_t H, int64_t ra
   TORCH_CHECK(params.is_contiguous(), "params: expected a contiguous tensor");
   TORCH_CHECK(params.size(0) >= 1, "params: expected at least one slot, got shape ", shape_str(params));
   TORCH_CHECK(params.size(1) == sh.params_per_slot(), "params: expected P = layers*(3*H*rank + rank) + H = ",
-              sh.params_per_slot(), " for H = ", H, ", rank = ", rank, ", layers = ", layers, ", got shape ",
-              shape_str(params));
+              sh.params_per_slot(), " for H = ", H, " (x.size(1) or hidden_size), rank = ", rank, ", layers = ", layers,
+              ", got shape ", shape_str(params), " -- x's hidden size, rank or layers do not match the bank");
   return sh;
 }
 

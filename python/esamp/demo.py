@@ -111,6 +111,12 @@ def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str
 
     t_all = time.perf_counter()
     config = config or ESampConfig()
+    if not progress:
+        try:
+            from transformers.utils import logging as tlog
+            tlog.disable_progress_bar()
+        except Exception:  # pragma: no cover - cosmetic only
+            pass
     prompts = list(prompts) if prompts else list(DEMO_PROMPTS)
     print_fn(f"esamp demo: {len(prompts)} prompts x n = {n}, {max_new_tokens} new tokens, T = {temperature}, "
              f"top_k = {top_k}, top_p = {top_p}, min_p = {min_p}, seed = {seed}; torch threads = "

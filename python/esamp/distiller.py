@@ -167,6 +167,9 @@ class Distiller:
             if cfg.get(k) != getattr(self, k):
                 raise ValueError(f"state_dict: {k} mismatch: this distiller has {k}={getattr(self, k)}, "
                                  f"the state has {k}={cfg.get(k)}")
+        missing = [k for k in ("params", "exp_avg", "exp_avg_sq", "step", "counters") if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict: missing keys {missing}")
         with torch.no_grad():
             for k in ("params", "exp_avg", "exp_avg_sq", "step", "counters"):
                 dst = getattr(self, k)
@@ -174,6 +177,10 @@ class Distiller:
                 if src.shape != dst.shape:
                     raise ValueError(f"state_dict[{k!r}]: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
                 dst.copy_(src.to(dst.device, dst.dtype))
+        # Later resets must re-create the saved bank's initial state, not this instance's.
+        self.seed = int(cfg.get("seed", self.seed))
+        gi = sd.get("gamma_init")
+        self.gamma_init = None if gi is None else torch.as_tensor(gi).to(self.device, torch.float32).contiguous()
 
     def save(self, path) -> None:
         torch.save(self.state_dict(), path)

@@ -262,8 +262,7 @@ class BatchedEagerDistiller:
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps) * self.gamma[:, None, :]
 
     def train_step(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        for q in self.leaves:
-            q.grad = None
+        self.opt.zero_grad(set_to_none=True)  # faster here than zeroing kept buffers (measured)
         losses = (self.forward(x) - t).pow(2).mean(dim=(1, 2))
         losses.sum().backward()
         with torch.no_grad():

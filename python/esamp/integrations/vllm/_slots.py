@@ -1,0 +1,95 @@
+"""Distiller slot management: a request group (a request and all n of its samples) holds one slot while any
+of its members is alive; the slot is reset and returned to the pool when the last member finishes.
+
+Pure Python (no torch, no vLLM) so that the policy is testable on its own.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Optional
+
+# vLLM's parallel sampling (SamplingParams.n > 1) fans a request out into child requests whose ids are
+# f"{index}_{parent_request_id}" (vllm/v1/engine/parallel_sampling.py).  The parent id carries a random
+# suffix, so two unrelated requests never share a group key.
+_CHILD_ID = re.compile(r"^(\d+)_(.+)$")
+
+
+def group_key(req_id: str) -> str:
+    m = _CHILD_ID.match(req_id)
+    return m.group(2) if m else req_id
+
+
+class SlotManager:
+    """Maps request ids to distiller slots.
+
+    ``acquire(req_id)`` returns the slot of the request's group (allocating the lowest free slot for a new
+    group) or -1 when every slot is taken.  ``release(req_id)`` drops the request; when it was the last
+    member of its group the slot is reset through ``on_reset([slot])`` and becomes free again.
+    In shared mode every request gets slot 0 and nothing is ever reset.
+    """
+
+    def __init__(self, num_slots: int, *, shared: bool = False,
+                 on_reset: Optional[Callable[[List[int]], None]] = None):
+        if not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots: expected an int >= 1, got {num_slots!r}")
+        self.num_slots = num_slots
+        self.shared = shared
+        self._on_reset = on_reset
+        self._free: List[int] = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest id
+        self._group_slot: Dict[str, int] = {}
+        self._group_members: Dict[str, set] = {}
+        self._req_group: Dict[str, str] = {}
+        self.acquired = 0
+        self.exhausted = 0
+        self.resets = 0
+
+    def acquire(self, req_id: str) -> int:
+        if req_id in self._req_group:  # re-added (e.g. streaming input update): keep its slot
+            return self._group_slot[self._req_group[req_id]]
+        if self.shared:
+            self._req_group[req_id] = "__shared__"
+            self._group_slot["__shared__"] = 0
+            self._group_members.setdefault("__shared__", set()).add(req_id)
+            self.acquired += 1
+            return 0
+        g = group_key(req_id)
+        if g not in self._group_slot:
+            if not self._free:
+                self.exhausted += 1
+                return -1
+            self._group_slot[g] = self._free.pop()
+            self._group_members[g] = set()
+        self._group_members[g].add(req_id)
+        self._req_group[req_id] = g
+        self.acquired += 1
+        return self._group_slot[g]
+
+    def release(self, req_id: str) -> Optional[int]:
+        """Drops req_id; returns the slot that was reset and freed, if any."""
+        g = self._req_group.pop(req_id, None)
+        if g is None:
+            return None
+        members = self._group_members[g]
+        members.discard(req_id)
+        if members or self.shared:
+            return None
+        slot = self._group_slot.pop(g)
+        del self._group_members[g]
+        if self._on_reset is not None:
+            self._on_reset([slot])
+        self.resets += 1
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+        return slot
+
+    def slot_of(self, req_id: str) -> int:
+        g = self._req_group.get(req_id)
+        return -1 if g is None else self._group_slot[g]
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._group_slot)
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._req_group)

@@ -1,0 +1,911 @@
+"""vLLM integration (esamp.integrations.vllm) against vLLM 0.33's real classes, on CPU tensors.
+
+vLLM's Model Runner V2 sampler is made of Triton kernels.  On a machine without a GPU they run here through
+the Triton interpreter (TRITON_INTERPRET=1), with vLLM's CPU platform selected (VLLM_TARGET_DEVICE=cpu) and,
+when there is no CUDA device, CUDA_VISIBLE_DEVICES="" so that vLLM keeps Triton enabled.  These variables are
+set only while the vLLM modules are imported and restored afterwards.  One substitution: vLLM's Triton
+top-k/top-p kernel does not run under the interpreter, so vLLM's own PyTorch top-k/top-p implementation
+(the path vLLM takes where Triton is unavailable) stands in for it, in the reference sampler and in the
+sampler the adapter wraps alike.
+
+Everything else -- Sampler, SamplingStates, RequestState, InputBatch, SamplingParams, NewRequestData,
+EngineCoreRequest/ParentRequest, ModelState -- is vLLM's code.  The model is a small vLLM-shaped decoder
+(layers beside start_layer, an in-place fused add-norm like vLLM's CUDA op, lm_head.weight, compute_logits).
+"""
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import esamp
+
+pytestmark = pytest.mark.vllm
+
+_ENV = {"TRITON_INTERPRET": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_LEVEL": "WARNING"}
+if not torch.cuda.is_available():
+    _ENV["CUDA_VISIBLE_DEVICES"] = ""
+_saved = {k: os.environ.get(k) for k in _ENV}
+os.environ.update(_ENV)
+try:
+    import vllm  # noqa: F401
+    from vllm.config import VllmConfig
+    from vllm.platforms import current_platform
+    from vllm.sampling_params import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.triton_utils import HAS_TRITON
+    import vllm.v1.worker.cpu.shm  # noqa: F401  (vLLM's CPU platform patches: plain CPU buffers instead of UVA)
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+    import vllm.v1.worker.gpu.sample.sampler as v2_sampler_mod
+    import vllm.v1.worker.gpu.sample.states as v2_states_mod
+    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+    from vllm.v1.worker.gpu.model_states.interface import ModelState
+    from vllm.v1.worker.gpu.sample.sampler import Sampler
+    from vllm.v1.worker.gpu.states import RequestState
+    import vllm.v1.worker.gpu.model_states as v2_model_states
+except ImportError as e:
+    pytest.skip(f"vLLM is not importable ({type(e).__name__}: {e}); install it with tools/install_vllm.sh",
+                allow_module_level=True)
+else:
+    if not (current_platform.is_cpu() and HAS_TRITON):
+        pytest.skip("vLLM imported, but its CPU platform with Triton (interpreter) could not be selected",
+                    allow_module_level=True)
+finally:
+    for _k, _v in _saved.items():
+        if _v is None:
+            os.environ.pop(_k, None)
+        else:
+            os.environ[_k] = _v
+
+import esamp.integrations.vllm as plugin  # noqa: E402
+from esamp.integrations.vllm import _config, _runtime  # noqa: E402
+from esamp.integrations.vllm._capture import BUFFER_NAME, install_layer_capture  # noqa: E402
+from esamp.integrations.vllm._slots import SlotManager, group_key  # noqa: E402
+
+
+def _top_k_top_p(logits, k, p, has_topp_only_rows=True):
+    return apply_top_k_top_p_pytorch(logits, k, p, allow_cpu_sync=True)
+
+
+v2_sampler_mod.apply_top_k_top_p = _top_k_top_p
+v2_states_mod.apply_top_k_top_p = _top_k_top_p
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A small vLLM-shaped model
+# ------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("esamp_test::fused_add_rms_norm", mutates_args=("x", "residual"))
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """Like vLLM's CUDA op: residual <- x + residual; x <- rms_norm(residual) * weight, both in place."""
+    residual.add_(x)
+    r = residual.float()
+    x.copy_((r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight)
+
+
+@fused_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return None
+
+
+def rms_norm(x, weight, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class TinyDecoderLayer(nn.Module):
+    def __init__(self, H):
+        super().__init__()
+        self.w_in = nn.Parameter(1 + 0.1 * torch.randn(H))
+        self.w_post = nn.Parameter(1 + 0.1 * torch.randn(H))
+        self.mix = nn.Linear(H, H, bias=False)   # stands in for attention
+        self.mlp = nn.Linear(H, H, bias=False)
+
+    def forward(self, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = rms_norm(hidden_states, self.w_in)
+        else:
+            fused_add_rms_norm(hidden_states, residual, self.w_in, 1e-6)
+        hidden_states = self.mix(hidden_states) + 0.01 * positions.unsqueeze(-1).to(hidden_states.dtype)
+        fused_add_rms_norm(hidden_states, residual, self.w_post, 1e-6)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, V, H, L):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(V, H)
+        self.start_layer, self.end_layer = 0, L
+        self.layers = nn.ModuleList(TinyDecoderLayer(H) for _ in range(L))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(1 + 0.1 * torch.randn(H))
+
+    def forward(self, input_ids, positions):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers[self.start_layer:self.end_layer]:
+            hidden, residual = layer(positions, hidden, residual)
+        fused_add_rms_norm(hidden, residual, self.norm.weight, 1e-6)
+        return hidden
+
+
+class TinyLM(nn.Module):
+    def __init__(self, V=64, H=32, L=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = TinyDecoder(V, H, L)
+        self.lm_head = nn.Module()
+        self.lm_head.weight = nn.Parameter(torch.randn(V, H) / math.sqrt(H) * 4)
+        self.logits_processor = SimpleNamespace(scale=1.0, soft_cap=None, logits_as_input=False)
+
+    def forward(self, input_ids, positions):
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states):
+        return torch.nn.functional.linear(hidden_states, self.lm_head.weight)
+
+
+def ns_config(H, max_reqs, max_tokens, esamp_cfg, dtype=torch.float32):
+    mc = SimpleNamespace(get_hidden_size=lambda: H, get_inputs_embeds_size=lambda: H, dtype=dtype,
+                         runner_type="generate")
+    return SimpleNamespace(
+        model_config=mc,
+        scheduler_config=SimpleNamespace(max_num_seqs=max_reqs, max_num_batched_tokens=max_tokens),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                        prefill_context_parallel_size=1, enable_batch_sharded_sampling=False),
+        speculative_config=None, watermark_config=None,
+        additional_config={} if esamp_cfg is None else {"esamp": esamp_cfg})
+
+
+class BareState(ModelState):
+    """vLLM's ModelState interface with the input-preparation methods stubbed (no attention here)."""
+
+    def prepare_inputs_embeds(self, *args, **kwargs):
+        return None
+
+    def prepare_inputs(self, *args, **kwargs):
+        return {}
+
+    def prepare_dummy_inputs(self, *args, **kwargs):
+        return {}
+
+    def prepare_attn(self, *args, **kwargs):
+        return {}
+
+
+def new_req(req_id, sp, prompt=(1, 2, 3)):
+    return NewRequestData(req_id=req_id, prompt_token_ids=list(prompt), mm_features=[], sampling_params=sp,
+                          pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None,
+                          prefill_token_ids=list(prompt))
+
+
+def engine_request_ids(external_id, sp):
+    """The worker-side request ids vLLM gives a request (and its n children)."""
+    req = EngineCoreRequest(request_id=external_id, prompt_token_ids=[1, 2, 3], mm_features=None,
+                            sampling_params=sp, pooling_params=None, arrival_time=0.0, lora_request=None,
+                            cache_salt=None, data_parallel_rank=None)
+    InputProcessor.assign_request_id(req)
+    if sp.n == 1:
+        return [(req.request_id, sp)]
+    parent = ParentRequest(req)
+    return [parent.get_child_info(i) for i in range(sp.n)]
+
+
+class Harness:
+    """Runner-like driver: vLLM's V2 Sampler wrapped by the adapter, and an unwrapped reference Sampler."""
+
+    def __init__(self, esamp_cfg, *, V=64, H=32, max_reqs=16, max_tokens=64, logprobs_mode="raw_logprobs",
+                 dtype=torch.float32, seed=0):
+        self.V, self.H = V, H
+        self.model = TinyLM(V, H, seed=seed).to(dtype)
+        self.cfg = ns_config(H, max_reqs, max_tokens, esamp_cfg, dtype)
+        self.state = _runtime.esamp_model_state_cls(BareState)(self.cfg, self.model, None, CPU)
+        self.rt = self.state.esamp
+        vcfg = VllmConfig()
+        self.req_states = RequestState(max_reqs, 256, max_tokens, 0, V, CPU)
+        base = Sampler(vcfg, max_reqs, V, CPU, self.req_states, logprobs_mode=logprobs_mode)
+        custom = self.state.custom_sampler(base)
+        self.sampler = custom[0] if custom else base
+        self.ref_req_states = RequestState(max_reqs, 256, max_tokens, 0, V, CPU)
+        self.ref = Sampler(vcfg, max_reqs, V, CPU, self.ref_req_states, logprobs_mode=logprobs_mode)
+        self.bufs = InputBuffers(max_num_reqs=max_reqs, max_num_tokens=max_tokens, device=CPU)
+        self.idx = {}
+
+    def add(self, req_id, sp, prompt=(1, 2, 3), flush=True):
+        """As the runner's add_requests: request state, ModelState.add_request, then sampler.add_request."""
+        for rs in (self.req_states, self.ref_req_states):
+            rs.add_request(req_id=req_id, prompt_len=len(prompt), all_token_ids=list(prompt),
+                           num_computed_tokens=0, max_tokens=sp.max_tokens or 16)
+        idx = self.req_states.req_id_to_index[req_id]
+        assert self.ref_req_states.req_id_to_index[req_id] == idx
+        self.state.add_request(idx, new_req(req_id, sp, prompt))
+        self.sampler.add_request(idx, sp)
+        self.ref.add_request(idx, sp)
+        self.idx[req_id] = idx
+        if flush:
+            self.flush()
+        return idx
+
+    def flush(self):
+        for x in (self.sampler, self.ref, self.req_states, self.ref_req_states):
+            x.apply_staged_writes()
+
+    def remove(self, req_id):
+        self.state.remove_request(req_id)
+        self.req_states.remove_request(req_id)
+        self.ref_req_states.remove_request(req_id)
+        self.idx.pop(req_id)
+
+    def batch(self, req_ids, positions, input_ids=None):
+        n = len(req_ids)
+        ib = InputBatch.make_dummy(n, n, self.bufs)
+        idx_np = np.array([self.idx[r] for r in req_ids], dtype=np.intp)
+        idx = torch.from_numpy(idx_np.astype(np.int64))
+        pos = torch.as_tensor(positions, dtype=torch.int64)
+        ib.positions.copy_(pos)
+        if input_ids is not None:
+            ib.input_ids.copy_(torch.as_tensor(input_ids, dtype=torch.int32))
+        return dataclasses.replace(ib, req_ids=list(req_ids), idx_mapping=idx, idx_mapping_np=idx_np,
+                                   expanded_idx_mapping=idx)
+
+    def forward(self, ib):
+        """The model forward (fills the capture buffer) and compute_logits, as the runner does."""
+        with torch.inference_mode():
+            hidden = self.model(ib.input_ids.long(), ib.positions)
+            return hidden, self.model.compute_logits(hidden[ib.logits_indices])
+
+    def step(self, req_ids, positions, input_ids=None, *, reference=True):
+        ib = self.batch(req_ids, positions, input_ids)
+        hidden, logits = self.forward(ib)
+        with torch.inference_mode():
+            ref = self.ref(logits.clone(), ib) if reference else None
+            # The adapter gets the very tensor compute_logits returned, as in vLLM's runner.
+            out = self.sampler(logits, ib)
+        return ib, hidden, logits.clone(), out, ref
+
+
+def tokens(out):
+    return out.sampled_token_ids.view(-1)
+
+
+def vllm_candidate_mask(h, ib, logits):
+    """vLLM's candidate set per row: its own processed logits (temperature, min-p, top-k, top-p) != -inf."""
+    s = h.ref
+    pos = ib.positions[ib.logits_indices]
+    with torch.inference_mode():
+        proc = s.apply_sampling_params(logits.clone(), ib.expanded_idx_mapping, ib.idx_mapping, ib.idx_mapping_np,
+                                       pos, ib.input_ids[ib.logits_indices], ib.expanded_local_pos,
+                                       ib.seq_lens_cpu_upper_bound.numpy())
+    return torch.isfinite(proc), proc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration and plugin
+# ------------------------------------------------------------------------------------------------------------
+def test_engine_config_resolution():
+    assert _config.resolve_engine_config({}, {}) is None
+    assert _config.resolve_engine_config(None, {"ESAMP_VLLM": "0"}) is None
+    c = _config.resolve_engine_config(None, {"ESAMP_VLLM": "1"})
+    assert c.beta == 0.25 and c.mode == "per_prompt" and c.resolved_rank() == 64 and c.resolved_slots(48) == 48
+    c = _config.resolve_engine_config({"esamp": {"beta": 0.5, "slots": 4}},
+                                      {"ESAMP_VLLM_CONFIG": '{"beta": 0.1, "rank": 16}'})
+    assert (c.beta, c.slots, c.rank) == (0.5, 4, 16)  # additional_config wins key by key
+    assert _config.resolve_engine_config({"esamp": {"beta": 0.5}}, {"ESAMP_VLLM": "off"}) is None
+    assert _config.resolve_engine_config({"esamp": {"enabled": False}}, {}) is None
+    c = _config.resolve_engine_config({"esamp": {"mode": "shared"}}, {})
+    assert c.resolved_slots(64) == 1 and c.resolved_rank() == 384
+    with pytest.raises(_config.ConfigError, match=r"esamp.beta: expected a finite number >= 0.0, got -1"):
+        _config.resolve_engine_config({"esamp": {"beta": -1}}, {})
+    with pytest.raises(_config.ConfigError, match="unknown key 'bta'"):
+        _config.resolve_engine_config({"esamp": {"bta": 1}}, {})
+    with pytest.raises(_config.ConfigError, match="ESAMP_VLLM_CONFIG: expected a JSON object"):
+        _config.resolve_engine_config(None, {"ESAMP_VLLM_CONFIG": "{beta"})
+    with pytest.raises(_config.ConfigError, match="ESAMP_VLLM: expected one of"):
+        _config.resolve_engine_config(None, {"ESAMP_VLLM": "maybe"})
+
+
+def test_request_config_forms():
+    eng = _config.EngineConfig(beta=0.25, default_on=True)
+    off = _config.EngineConfig(beta=0.25, default_on=False)
+    rc = _config.request_config
+    assert rc(None, eng) == _config.RequestConfig(True, 0.25)
+    assert rc(None, off) == _config.RequestConfig(False, 0.25)
+    assert rc({"esamp": False}, eng).enabled is False
+    assert rc({"esamp": True}, off).enabled is True
+    assert rc({"esamp": "off"}, eng).enabled is False and rc({"esamp": 1}, off).enabled is True  # vllm_xargs forms
+    assert rc({"esamp": {"beta": 0.7}}, off) == _config.RequestConfig(True, 0.7)
+    assert rc({"esamp": {"beta": 0.7, "enabled": False}}, eng).enabled is False
+    assert rc({"esamp_beta": 0.0}, off) == _config.RequestConfig(True, 0.0)
+    assert rc({"other_plugin": 1}, eng) == _config.RequestConfig(True, 0.25)
+    with pytest.raises(_config.ConfigError, match=r"esamp.beta: expected a finite number >= 0.0, got 'x'|"
+                                                  r"esamp.beta: expected a number, got 'x'"):
+        rc({"esamp": {"beta": "x"}}, eng)
+    with pytest.raises(_config.ConfigError, match="unknown key"):
+        rc({"esamp": {"betta": 1.0}}, eng)
+
+
+def test_sampling_params_validation_after_register():
+    plugin.register()
+    plugin.register()  # idempotent
+    SamplingParams(temperature=0.8, extra_args={"esamp": {"beta": 0.4}})
+    SamplingParams(temperature=0.8, extra_args={"unrelated": {"beta": -4}})
+    with pytest.raises(VLLMValidationError, match=r"esamp.beta: expected a finite number >= 0.0, got -0.5"):
+        SamplingParams(temperature=0.8, extra_args={"esamp": {"beta": -0.5}})
+    with pytest.raises(VLLMValidationError, match=r"extra_args\['esamp'\]: expected a bool"):
+        SamplingParams(temperature=0.8, extra_args={"esamp": "yes please"})
+
+
+def test_model_state_hook_installed_and_disabled_is_identity():
+    plugin.register()
+    assert getattr(v2_model_states.resolve_model_state_cls, "_esamp_wrapped", False), \
+        "register() did not wrap vLLM's resolve_model_state_cls"
+    # The wrapper's behaviour, around a stand-in for vLLM's resolution (which needs a real model config).
+    calls = []
+
+    def vllm_resolution(cfg, m):
+        calls.append(m)
+        return BareState
+
+    holder = SimpleNamespace(resolve_model_state_cls=vllm_resolution)
+    plugin._patch_model_states(holder)
+    wrapped = holder.resolve_model_state_cls
+    model = TinyLM()
+    assert wrapped(ns_config(32, 4, 16, None), model) is BareState            # disabled: vLLM's class as is
+    assert wrapped(ns_config(32, 4, 16, {"enabled": False}), model) is BareState
+    cls = wrapped(ns_config(32, 4, 16, {"beta": 0.3}), model)
+    assert issubclass(cls, BareState) and cls.__name__ == "ESampBareState"
+    assert wrapped(ns_config(32, 4, 16, {}), model) is cls                     # built once per base class
+    assert len(calls) == 4
+
+
+def test_register_is_lazy_and_harmless_in_a_fresh_process():
+    """register() imports neither the model runner nor the esamp runtime; the hook fires on vLLM's import."""
+    code = textwrap.dedent("""
+        import os, sys
+        import esamp.integrations.vllm as p
+        p.register()
+        heavy = [m for m in ("vllm.v1.worker.gpu.model_runner", "vllm.v1.worker.gpu.model_states",
+                             "esamp.integrations.vllm._runtime") if m in sys.modules]
+        assert not heavy, heavy
+        import vllm.v1.worker.gpu.model_states as ms
+        assert ms.resolve_model_state_cls._esamp_wrapped
+        assert "esamp.integrations.vllm._runtime" not in sys.modules
+        print("OK")
+    """)
+    env = dict(os.environ, **_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_unsupported_configurations_disable_esamp():
+    model = TinyLM()
+    cfg = _config.EngineConfig()
+    base = ns_config(32, 4, 16, {})
+    assert _runtime.unsupported_reason(base, model, cfg) is None
+    spec = ns_config(32, 4, 16, {})
+    spec.speculative_config = object()
+    assert "speculative decoding" in _runtime.unsupported_reason(spec, model, cfg)
+    pp = ns_config(32, 4, 16, {})
+    pp.parallel_config.pipeline_parallel_size = 2
+    assert "pipeline parallelism" in _runtime.unsupported_reason(pp, model, cfg)
+    capped = TinyLM()
+    capped.logits_processor.soft_cap = 30.0
+    assert "soft-caps" in _runtime.unsupported_reason(base, capped, cfg)
+    far = _config.EngineConfig(capture_layer=7)
+    assert "capture_layer 7 is out of range for 3" in _runtime.unsupported_reason(base, model, far)
+    # An unsupported engine keeps vLLM's sampler untouched.
+    spec.additional_config = {"esamp": {}}
+    st = _runtime.esamp_model_state_cls(BareState)(spec, model, None, CPU)
+    assert st.esamp is None and st.custom_sampler(object()) is None
+    assert type(model.model.layers[0]) is TinyDecoderLayer and "compute_logits" not in model.__dict__
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Slots
+# ------------------------------------------------------------------------------------------------------------
+def test_slot_manager_groups_and_exhaustion():
+    resets = []
+    sm = SlotManager(2, on_reset=resets.extend)
+    assert group_key("3_abc-1234") == "abc-1234" and group_key("abc-1234") == "abc-1234"
+    assert [sm.acquire(r) for r in ("0_p-1", "1_p-1", "q-2")] == [0, 0, 1]
+    assert sm.acquire("r-3") == -1 and sm.exhausted == 1
+    assert sm.release("0_p-1") is None and resets == []
+    assert sm.release("1_p-1") == 0 and resets == [0]
+    assert sm.acquire("r-3") == 0
+    shared = SlotManager(1, shared=True, on_reset=resets.extend)
+    assert [shared.acquire(r) for r in ("a", "b")] == [0, 0]
+    assert shared.release("a") is None and shared.release("b") is None and resets == [0]
+
+
+def test_slot_lifecycle_with_real_requests():
+    h = Harness({"beta": 0.3, "slots": 2, "log_interval_s": 0}, max_reqs=8)
+    rt = h.rt
+    p0 = rt.trainer.state_dict()["params"].clone()
+    sp_n = SamplingParams(n=3, temperature=0.9, seed=7, max_tokens=8)
+    kids = engine_request_ids("prompt-A", sp_n)
+    assert len(kids) == 3 and len({rid for rid, _ in kids}) == 3
+    assert [sp.seed for _, sp in kids] == [7, 8, 9]  # vLLM gives each child its own seed
+    for rid, sp in kids:
+        h.add(rid, sp)
+    (rid_b, sp_b), = engine_request_ids("prompt-B", SamplingParams(temperature=1.0, max_tokens=8,
+                                                                    extra_args={"esamp": {"beta": 0.6}}))
+    h.add(rid_b, sp_b)
+    slots = [rt.slot[h.idx[rid]] for rid, _ in kids]
+    assert slots == [0, 0, 0] and rt.slot[h.idx[rid_b]] == 1
+    assert math.isclose(rt.beta[h.idx[rid_b]], 0.6, rel_tol=1e-6) and math.isclose(rt.beta[h.idx[kids[0][0]]], 0.3,
+                                                                                     rel_tol=1e-6)
+    # Plain requests: greedy, opted out, and one past the slot budget.
+    (rid_g, sp_g), = engine_request_ids("greedy", SamplingParams(temperature=0.0, max_tokens=8))
+    (rid_o, sp_o), = engine_request_ids("optout", SamplingParams(temperature=1.0, extra_args={"esamp": False}))
+    (rid_c, sp_c), = engine_request_ids("prompt-C", SamplingParams(temperature=1.0))
+    for rid, sp in ((rid_g, sp_g), (rid_o, sp_o), (rid_c, sp_c)):
+        h.add(rid, sp)
+        assert not rt.enabled[h.idx[rid]]
+    assert rt.counters["requests_no_slot"] == 1 and rt.slots.exhausted == 1
+
+    # Train both slots a few steps.
+    live = [rid for rid, _ in kids] + [rid_b, rid_g, rid_o, rid_c]
+    for s in range(3):
+        h.step(live, [3 + s] * len(live), reference=False)
+    rt.trainer.synchronize()
+    p1 = rt.trainer.state_dict()["params"]
+    assert not torch.equal(p1[0], p0[0]) and not torch.equal(p1[1], p0[1])
+    assert rt.trainer.stats()["rows_trained"] == 3 * 4
+
+    # Children finish one by one: the slot is reset and freed only with the last one.
+    h.remove(kids[0][0])
+    h.remove(kids[1][0])
+    rt.trainer.synchronize()
+    assert torch.equal(rt.trainer.state_dict()["params"][0], p1[0]) and rt.slots.resets == 0
+    h.remove(kids[2][0])
+    rt.trainer.synchronize()
+    p2 = rt.trainer.state_dict()["params"]
+    assert torch.equal(p2[0], p0[0]), "a released slot must be re-initialised"
+    assert torch.equal(p2[1], p1[1]), "other slots are untouched"
+    assert rt.trainer.state_dict()["step"][0].item() == 0 and rt.slots.resets == 1
+    # The freed slot goes to the next new request group; plain requests leave no trace in the slot table.
+    (rid_d, sp_d), = engine_request_ids("prompt-D", SamplingParams(temperature=1.0))
+    h.add(rid_d, sp_d)
+    assert rt.slot[h.idx[rid_d]] == 0
+    for rid in (rid_b, rid_g, rid_o, rid_c, rid_d):
+        h.remove(rid)
+    assert rt.slots.slots_in_use == 0 and rt.slots.live_requests == 0 and not rt.enabled.any()
+    assert rt.counters["requests_finished"] == 5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling against vLLM's own sampler
+# ------------------------------------------------------------------------------------------------------------
+FILTERS = [  # (temperature, top_k, top_p, min_p)
+    (1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.3, 10, 1.0, 0.0), (0.9, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.05),
+    (0.8, 20, 0.9, 0.02), (1.0, 5, 0.5, 0.1), (0.6, 64, 1.0, 0.0),
+]
+
+
+def test_plain_rows_identical_to_vllm_and_greedy_untouched():
+    h = Harness({"beta": 0.5, "log_interval_s": 0}, max_reqs=24)
+    reqs = []
+    for i, (T, k, p, mp) in enumerate(FILTERS):
+        reqs.append((f"es-{i}", SamplingParams(temperature=T, top_k=k, top_p=p, min_p=mp, seed=100 + i)))
+        reqs.append((f"pl-{i}", SamplingParams(temperature=T, top_k=k, top_p=p, min_p=mp, seed=200 + i,
+                                               extra_args={"esamp": False})))
+    reqs.append(("greedy", SamplingParams(temperature=0.0)))
+    for rid, sp in reqs:
+        h.add(rid, sp)
+    ids = [rid for rid, _ in reqs]
+    plain = np.array([not rid.startswith("es-") for rid in ids])
+    changed = 0
+    for s in range(6):
+        ib, _, logits, out, ref = h.step(ids, [5 + s] * len(ids), input_ids=np.arange(len(ids)) + s)
+        got, want = tokens(out), tokens(ref)
+        assert torch.equal(got[torch.from_numpy(plain)], want[torch.from_numpy(plain)])
+        assert got[-1].item() == logits[-1].argmax().item()
+        mask, _ = vllm_candidate_mask(h, ib, logits)
+        es_rows = np.flatnonzero(~plain)
+        for r in es_rows:
+            if ids[r] == "greedy":
+                continue
+            # ESamp's own filters are applied to the row (vLLM was told T=1 and no filters for it), and with
+            # beta > 0 the token still comes from vLLM's candidate set for the request's real parameters.
+            ref_mask = _reference_mask(logits[r], *FILTERS[int(ids[r].split("-")[1])])
+            assert ref_mask[got[r]].item(), (ids[r], got[r].item())
+        changed += int((got[torch.from_numpy(~plain)] != want[torch.from_numpy(~plain)]).sum())
+    assert changed > 0, "ESamp rows never differed from vLLM's tokens: the adapter did not act"
+    assert h.rt.counters["rows_esamp"] == 6 * len(FILTERS)
+    assert h.rt.counters["rows_plain"] == 6 * (len(FILTERS) + 1)
+
+
+def _reference_mask(logits_row, T, k, p, mp):
+    """vLLM's candidate set for one row with the given parameters, through a reference sampler."""
+    h = _reference_mask.h
+    h.ref.add_request(0, SamplingParams(temperature=T, top_k=k, top_p=p, min_p=mp))
+    h.ref.apply_staged_writes()
+    ib = InputBatch.make_dummy(1, 1, h.bufs)
+    mask, _ = vllm_candidate_mask(h, ib, logits_row.view(1, -1))
+    return mask[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mask_harness():
+    _reference_mask.h = SimpleNamespace(ref=Sampler(VllmConfig(), 2, 64, CPU, RequestState(2, 64, 8, 0, 64, CPU)),
+                                        bufs=InputBuffers(max_num_reqs=2, max_num_tokens=8, device=CPU))
+    yield
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_candidate_sets_match_vllm(beta):
+    """processed_logits mode exposes the ESamp rows' mixed logits (m on C, -inf elsewhere): C must be vLLM's
+    candidate set for the request's temperature/top-k/top-p/min-p (SPEC 3: C depends on z alone), and with
+    beta = 0 the values must be vLLM's processed logits."""
+    h = Harness({"beta": beta, "log_interval_s": 0}, max_reqs=16, logprobs_mode="processed_logits")
+    ids = []
+    for i, (T, k, p, mp) in enumerate(FILTERS):
+        rid = f"r{i}"
+        h.add(rid, SamplingParams(temperature=T, top_k=k, top_p=p, min_p=mp, seed=i, logprobs=-1))
+        ids.append(rid)
+    checked = 0
+    for s in range(4):
+        ib = h.batch(ids, [9 + s] * len(ids), input_ids=np.arange(len(ids)) * 3 + s)
+        hidden, logits = h.forward(ib)
+        logits0 = logits.clone()
+        got = {}
+        orig_apply = h.rt.apply
+
+        def spy(step, base, sampled, processed, idx_mapping, pos, return_logprobs):
+            out = orig_apply(step, base, sampled, processed, idx_mapping, pos, return_logprobs)
+            got["processed"] = out[1]
+            return out
+
+        h.rt.apply = spy
+        try:
+            with torch.inference_mode():
+                h.sampler(logits, ib)
+        finally:
+            h.rt.apply = orig_apply
+        mask, proc = vllm_candidate_mask(h, ib, logits0)  # h.ref holds the requests' real parameters
+        mine = got["processed"]
+        assert torch.equal(torch.isfinite(mine), mask), "candidate sets differ from vLLM's"
+        if beta == 0.0:
+            torch.testing.assert_close(mine[mask], proc[mask].float(), rtol=1e-6, atol=1e-6)
+        checked += int(mask.sum())
+    assert checked > 0
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson chi-square p-value (Wilson-Hilferty normal approximation of the chi-square tail)."""
+    n = counts.sum()
+    keep = probs > 0
+    exp = probs[keep] * n
+    stat = float(((counts[keep] - exp) ** 2 / exp).sum())
+    assert counts[~keep].sum() == 0, "samples outside the candidate set"
+    dof = int(keep.sum()) - 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_beta0_random_rows_match_vllm_distribution():
+    """beta = 0: ESamp rows sample the same distribution as vLLM's sampler (softmax of z on vLLM's candidate
+    set).  1000 requests with distinct seeds sample the same logits row; chi-square at significance 1e-3 for
+    both samplers, and the same test must reject the distribution at a wrong temperature (power check)."""
+    V, B = 24, 1000
+    T, k, p, mp = 0.6, 12, 0.95, 0.01
+    h = Harness({"beta": 0.0, "log_interval_s": 0, "slots": 1, "mode": "shared"}, V=V, H=16, max_reqs=B,
+                max_tokens=B)
+    ids = [f"q{i}" for i in range(B)]
+    for i, rid in enumerate(ids):
+        h.add(rid, SamplingParams(temperature=T, top_k=k, top_p=p, min_p=mp, seed=1000 + i), flush=False)
+    h.flush()
+    ib = h.batch(ids, [17] * B, input_ids=np.full(B, 3))
+    hidden, logits = h.forward(ib)
+    assert torch.equal(logits, logits[:1].expand_as(logits))
+    logits0 = logits.clone()
+    with torch.inference_mode():
+        ref = h.ref(logits.clone(), ib)
+        out = h.sampler(logits, ib)
+    logits = logits0
+    mask, proc = vllm_candidate_mask(h, ib, logits)
+    probs = torch.softmax(proc[0].double(), -1).numpy()
+    assert 3 <= int(mask[0].sum()) < V  # the filters are active
+    mine = np.bincount(tokens(out).numpy(), minlength=V)
+    theirs = np.bincount(tokens(ref).numpy(), minlength=V)
+    print("chi2 p-values: esamp", _chi2_pvalue(mine, probs), "vllm", _chi2_pvalue(theirs, probs))
+    assert _chi2_pvalue(mine, probs) > 1e-3
+    assert _chi2_pvalue(theirs, probs) > 1e-3
+    wrong = torch.softmax(logits[0].double() / 1.0, -1).numpy() * mask[0].numpy()
+    print("power check p-values:", _chi2_pvalue(mine, wrong / wrong.sum()), _chi2_pvalue(theirs, wrong / wrong.sum()))
+    assert _chi2_pvalue(mine, wrong / wrong.sum()) < 1e-6
+    assert _chi2_pvalue(theirs, wrong / wrong.sum()) < 1e-6
+    assert h.rt.counters["rows_esamp"] == B
+
+
+def test_seeds_and_positions_drive_the_noise():
+    """Per-request seeds are honoured: a row's token is esamp.ops.reweight with seed = the request's seed and
+    step = the token's position; it does not depend on the batch order, and another seed gives other tokens."""
+    def run(order, seeds, steps=5):
+        h = Harness({"beta": 0.25, "log_interval_s": 0}, max_reqs=8)
+        for i in range(4):
+            h.add(f"s{i}", SamplingParams(temperature=1.2, seed=seeds[i]))
+        toks = {f"s{i}": [] for i in range(4)}
+        for s in range(steps):
+            ids = [f"s{i}" for i in order]
+            _, _, _, out, _ = h.step(ids, [11 + s + i for i in order], input_ids=[1 + i + s for i in order],
+                                     reference=False)
+            for rid, t in zip(ids, tokens(out).tolist()):
+                toks[rid].append(t)
+        return h, toks
+
+    seeds = [4242, 4243, 77, 78]
+    _, a = run([0, 1, 2, 3], seeds)
+    _, b = run([3, 1, 0, 2], seeds)
+    assert a == b
+    _, c = run([0, 1, 2, 3], [4242, 4243, 77, 99])
+    assert c["s0"] == a["s0"] and c["s3"] != a["s3"]
+
+    # First step of a fresh engine, checked against the op directly.
+    g = Harness({"beta": 0.25, "log_interval_s": 0}, max_reqs=8)
+    for i in range(4):
+        g.add(f"s{i}", SamplingParams(temperature=1.2, seed=seeds[i]))
+    ib, hidden, logits, out, _ = g.step([f"s{i}" for i in range(4)], [11, 12, 13, 14], input_ids=[1, 2, 3, 4],
+                                        reference=False)
+    rt = g.rt
+    with torch.inference_mode():
+        fresh = esamp.Trainer(32, rank=64, layers=2, slots=rt.num_slots, device="cpu", seed=0, ring_rows=64,
+                              gamma_init=g.model.model.norm.weight.detach().float())
+        pred = fresh.predict(rt.capture_buffer[:4], torch.from_numpy(rt.slot[ib.idx_mapping_np]))
+        want, _ = esamp.ops.reweight(logits, pred, g.model.lm_head.weight, beta=0.25, temperature=1.2,
+                                     seed=torch.tensor(seeds, dtype=torch.int64),
+                                     step=torch.tensor([11, 12, 13, 14]))
+    assert torch.equal(tokens(out), want)
+
+
+def test_processed_logprobs_are_esamp_logprobs():
+    h = Harness({"beta": 0.4, "log_interval_s": 0}, max_reqs=8, logprobs_mode="processed_logprobs")
+    for i in range(4):
+        h.add(f"r{i}", SamplingParams(temperature=0.9, top_k=16, seed=i, logprobs=2))
+    h.add("plain", SamplingParams(temperature=0.9, top_k=16, seed=9, logprobs=2, extra_args={"esamp": False}))
+    ids = [f"r{i}" for i in range(4)] + ["plain"]
+    captured = {}
+    orig = esamp.ops.reweight
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        captured["lp"] = out[1].clone()
+        return out
+
+    _runtime.esamp.ops.reweight = spy
+    try:
+        ib, hidden, logits, out, ref = h.step(ids, [4, 5, 6, 7, 8], input_ids=[1, 2, 3, 4, 5])
+    finally:
+        _runtime.esamp.ops.reweight = orig
+    lt = out.logprobs_tensors
+    assert torch.equal(lt.logprob_token_ids[:, 0], tokens(out))
+    torch.testing.assert_close(lt.logprobs[:4, 0], captured["lp"], rtol=0, atol=2e-5)
+    # The plain row reports vLLM's own processed logprob for its (vLLM-sampled) token.
+    assert tokens(out)[4] == tokens(ref)[4]
+    torch.testing.assert_close(lt.logprobs[4], ref.logprobs_tensors.logprobs[4], rtol=0, atol=0)
+
+
+def test_training_uses_layer0_residual_and_lm_head_input():
+    """The trainer sees x = layer-0 hidden + residual at each row's last token and t = the LM-head input:
+    an independent Trainer fed those pairs by hand ends in the same state."""
+    h = Harness({"beta": 0.25, "log_interval_s": 0, "slots": 4}, max_reqs=8)
+    ids = ["a", "b", "0_c-1", "1_c-1"]
+    for i, rid in enumerate(ids):
+        h.add(rid, SamplingParams(temperature=1.0, seed=i))
+    twin = esamp.Trainer(32, rank=64, layers=2, slots=4, device="cpu", seed=0, ring_rows=64,
+                         gamma_init=h.model.model.norm.weight.detach().float())
+    seen = {}
+    hook = h.model.model.layers[0].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("x", (o[0] + o[1]).detach().clone()))
+    try:
+        for s in range(4):
+            ib = h.batch(ids, [6 + s] * 4, input_ids=[s, s + 1, s + 2, s + 3])
+            hidden, logits = h.forward(ib)
+            torch.testing.assert_close(h.rt.capture_buffer[:4], seen["x"], rtol=0, atol=0)
+            with torch.inference_mode():
+                h.sampler(logits, ib)
+            slots = torch.from_numpy(h.rt.slot[ib.idx_mapping_np])
+            assert slots.tolist() == [0, 1, 2, 2]
+            twin.observe(seen["x"], hidden[ib.logits_indices], slots)
+    finally:
+        hook.remove()
+    h.rt.trainer.synchronize()
+    twin.synchronize()
+    torch.testing.assert_close(h.rt.trainer.state_dict()["params"], twin.state_dict()["params"], rtol=0, atol=0)
+    st = h.rt.stats()
+    assert st["trainer_rows_trained"] == 16 and st["trainer_steps"] == 4 and st["rows_esamp"] == 16
+    assert plugin.get_stats() and any(s["rows_esamp"] == 16 for s in plugin.get_stats())
+    fake_worker = SimpleNamespace(model_runner=SimpleNamespace(model_state=h.state))
+    assert plugin.worker_stats(fake_worker)["trainer_rows_trained"] == 16
+
+
+def test_dummy_warmup_and_prompt_logprob_calls_are_ignored():
+    h = Harness({"beta": 0.25, "log_interval_s": 0}, max_reqs=8)
+    for i in range(3):
+        h.add(f"r{i}", SamplingParams(temperature=0.7, top_k=5, seed=i))
+    live = sorted(h.idx.values())
+    assert all(h.rt.enabled[i] for i in live)
+    # A dummy batch (vLLM's make_dummy: its own request ids) over every index, the live ones included.
+    ib = InputBatch.make_dummy(8, 8, h.bufs)
+    with torch.inference_mode():
+        _, logits = h.forward(ib)
+        h.sampler(logits, ib)
+    assert h.rt.counters["rows_esamp"] == 0 and h.rt.counters["rows_plain"] == 8
+    # vLLM's sampler warm-up (SamplingParams.for_sampler_warmup, without ModelState.add_request) reaches
+    # vLLM's sampler unchanged and enables nothing.
+    free = next(i for i in range(8) if i not in live)
+    h.sampler.add_request(free, SamplingParams.for_sampler_warmup())
+    h.sampler.apply_staged_writes()
+    assert not h.rt.enabled[free]
+    assert math.isclose(float(h.sampler.sampling_states.temperature.np[free]), 0.9, rel_tol=1e-6)
+    assert int(h.sampler.sampling_states.top_k.np[free]) == 50
+    # ...while a live ESamp request's vLLM-side parameters are the neutral ones (ESamp applies T and filters).
+    assert float(h.sampler.sampling_states.temperature.np[live[0]]) == 1.0
+    assert int(h.sampler.sampling_states.top_k.np[live[0]]) == h.V
+    assert float(h.rt.temperature[live[0]]) == pytest.approx(0.7) and int(h.rt.top_k[live[0]]) == 5
+    h.rt.trainer.synchronize()
+    assert h.rt.trainer.stats()["rows_trained"] == 0
+    # compute_logits calls around the step (prompt logprobs run after the sampler) are not used: the sampler
+    # takes the LM-head input of the step's own compute_logits, the one right before it.
+    ids = ["r0", "r1", "r2"]
+    seen = []
+    orig_apply = h.rt.apply
+
+    def spy(step, *args):
+        seen.append(step.lm_in)
+        return orig_apply(step, *args)
+
+    h.rt.apply = spy
+    try:
+        for s in range(2):
+            ib = h.batch(ids, [4 + s] * 3, input_ids=[1 + s, 2 + s, 3 + s])
+            with torch.inference_mode():
+                hidden = h.model(ib.input_ids.long(), ib.positions)
+                logits = h.model.compute_logits(hidden[ib.logits_indices])
+                h.sampler(logits, ib)
+                h.model.compute_logits(torch.randn(3, 32))  # prompt-logprobs style call after the sampler
+            assert torch.equal(seen[-1], hidden[ib.logits_indices])
+    finally:
+        h.rt.apply = orig_apply
+    assert h.rt.counters["rows_esamp"] == 6
+    # A sampler call on logits that did not come from the last compute_logits (here: the previous step's
+    # logits, after a prompt-logprobs style call) falls back to vLLM's sampler for every row.
+    before = h.rt.counters["rows_no_lm_input"]
+    with torch.inference_mode():
+        out = h.sampler(logits, ib)
+    assert h.rt.counters["rows_no_lm_input"] == before + 3 and h.rt.counters["rows_esamp"] == 6
+    assert out.sampled_token_ids.shape == (3, 1)
+
+
+def test_bf16_model_and_processed_logits_dtype():
+    """A bf16 model with a logits processor active (presence penalty: vLLM converts that row to fp32)."""
+    h = Harness({"beta": 0.25, "log_interval_s": 0}, max_reqs=4, dtype=torch.bfloat16)
+    h.add("a", SamplingParams(temperature=0.9, seed=1, presence_penalty=0.5))
+    h.add("b", SamplingParams(temperature=0.9, seed=2))
+    for s in range(3):
+        ib, hidden, logits, out, ref = h.step(["a", "b"], [4 + s, 4 + s], input_ids=[1 + s, 2 + s])
+        assert logits.dtype == torch.bfloat16 and h.rt.capture_buffer.dtype == torch.bfloat16
+        assert tokens(out).dtype == torch.int64 and ((tokens(out) >= 0) & (tokens(out) < h.V)).all()
+    h.rt.trainer.synchronize()
+    assert h.rt.trainer.stats()["rows_trained"] == 6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Capture under torch.compile and fake tensors
+# ------------------------------------------------------------------------------------------------------------
+def _captured_model(N=12, V=64, H=32, dtype=torch.float32):
+    model = TinyLM(V, H).to(dtype)
+    buf = torch.zeros(16, H, dtype=dtype)
+    install_layer_capture(model.model.layers[0], buf)
+    ids = torch.randint(0, V, (N,))
+    pos = torch.arange(N)
+    return model, buf, ids, pos
+
+
+def _layer0_reference(model, ids, pos):
+    """hidden + residual after layer 0, computed eagerly before layer 1's in-place add-norm."""
+    with torch.no_grad():
+        h, r = type(model.model.layers[0]).__mro__[1].forward(model.model.layers[0], pos,
+                                                              model.model.embed_tokens(ids), None)
+        return (h + r).clone()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_capture_compiles_fullgraph_inside_vllm_like_layer(backend):
+    model, buf, ids, pos = _captured_model()
+    ref = _layer0_reference(model, ids, pos)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
+    with torch.no_grad():
+        out = compiled(ids, pos)
+        torch.testing.assert_close(buf[:12], ref, rtol=1e-5, atol=1e-5)
+        assert (buf[12:] == 0).all()
+        eager_buf = torch.zeros_like(buf)
+        model.model.layers[0]._buffers[BUFFER_NAME] = eager_buf
+        torch.testing.assert_close(out, model(ids, pos), rtol=1e-5, atol=1e-5)
+        model.model.layers[0]._buffers[BUFFER_NAME] = buf
+        # Another batch size through the same dynamic graph.
+        ids2, pos2 = ids[:7].flip(0), pos[:7] + 3
+        buf.zero_()
+        compiled(ids2, pos2)
+        torch.testing.assert_close(buf[:7], _layer0_reference(model, ids2, pos2), rtol=1e-5, atol=1e-5)
+        assert (buf[7:] == 0).all()
+    explain = torch._dynamo.explain(model)(ids, pos)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    ops = [str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("esamp.capture" in o for o in ops), ops
+
+
+def test_capture_fake_tensor_trace():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, buf, ids, pos = _captured_model()
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    names = list(state)
+
+    def fwd(i, p, *tensors):  # parameters and the capture buffer are inputs of the fake trace
+        return torch.func.functional_call(model, dict(zip(names, tensors)), (i, p))
+
+    gm = make_fx(fwd, tracing_mode="fake")(ids, pos, *state.values())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.esamp.capture.default in targets
+    cap = [n for n in gm.graph.nodes if n.target == torch.ops.esamp.capture.default][0]
+    norm = [n for n in gm.graph.nodes if n.target == torch.ops.esamp_test.fused_add_rms_norm.default]
+    # Ordered before the next layer's in-place add-norm (layer 0 itself runs one, layer 1 two more).
+    order = list(gm.graph.nodes)
+    assert sum(order.index(n) < order.index(cap) for n in norm) == 1
+    # The traced graph computes the same capture as eager.
+    buf.zero_()
+    with torch.no_grad():
+        gm(ids, pos, *state.values())
+    torch.testing.assert_close(buf[:12], _layer0_reference(model, ids, pos), rtol=1e-5, atol=1e-5)
+    # Pure fake execution: the op's fake kernel accepts the shapes and checks them.
+    with FakeTensorMode() as mode:
+        h = torch.empty(5, 32)
+        out = torch.empty(16, 32)
+        torch.ops.esamp.capture(h, h, out)
+        with pytest.raises(RuntimeError, match="out: expected"):
+            torch.ops.esamp.capture(torch.empty(20, 32), None, out)
+    assert mode is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_survives_cuda_graph_replay():
+    model, _, ids, pos = _captured_model()
+    model = model.cuda()
+    buf = torch.zeros(16, 32, device="cuda")
+    model.model.layers[0]._buffers[BUFFER_NAME] = buf
+    sids, spos = ids.cuda(), pos.cuda()
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(sids, spos)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            model(sids, spos)
+        new_ids = torch.randint(0, 64, ids.shape)
+        sids.copy_(new_ids)
+        buf.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(buf[:12].cpu(), _layer0_reference(model.cpu(), new_ids, pos), rtol=1e-4,
+                                   atol=1e-4)
