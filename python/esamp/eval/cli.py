@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="JSON-lines task file (default: the shipped task set)")
     p.add_argument("--temperature", type=_floats, default=[0.7], help="sampling temperature(s) (default 0.7)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p filter for every method (default 0: off)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached runs in OUT/runs")
     return ap
 
 
@@ -181,7 +182,8 @@ def _cmd_passk(args, log) -> int:
     model, tok = _load(args, log)
     t0 = time.perf_counter()
     res = passk.run_passk(model, tok, tasks, methods, n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
-                          chat=not args.no_chat, progress=not args.no_progress)
+                          chat=not args.no_chat, progress=not args.no_progress,
+                          cache_dir=None if args.fresh else os.path.join(out, "runs"))
     res["settings"]["model"] = args.model or "SmolLM2-135M-Instruct (embedded Q4_1 GGUF)"
     res["wall_s"] = time.perf_counter() - t0
     with open(os.path.join(out, "results.json"), "w") as f:

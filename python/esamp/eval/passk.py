@@ -156,9 +156,13 @@ def score_samples(tasks: Sequence[Dict[str, Any]], texts: Sequence[Sequence[str]
 
 
 def run_passk(model, tokenizer, tasks: Sequence[Dict[str, Any]], methods, *, n: int = 16, max_new_tokens: int = 48,
-              seeds: Sequence[int] = (0,), chat: bool = True, progress: bool = True) -> Dict[str, Any]:
+              seeds: Sequence[int] = (0,), chat: bool = True, progress: bool = True,
+              cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """Sample n completions per task for every method (esamp.eval.diversity.Method) and seed; pass@k for
-    k = 1..n, averaged over tasks, then over seeds."""
+    k = 1..n, averaged over tasks, then over seeds.  With `cache_dir`, every run's samples are stored there and
+    reused by a later call with the same settings (the checkers are re-applied to the stored samples)."""
+    import hashlib
+
     from .diversity import run_method
 
     prompts = [t["prompt"] for t in tasks]
@@ -173,15 +177,29 @@ def run_passk(model, tokenizer, tasks: Sequence[Dict[str, Any]], methods, *, n: 
                            "methods": [m.to_dict() for m in methods], "runs": {m.name: {} for m in methods}}
     try:
         for m, seed in jobs:
-            out = run_method(model, tokenizer, prompts, m, n=n, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
-                             progress=progress)
-            sc = score_samples(tasks, out.texts)
-            sc["mean_tokens"] = out.stats["mean_length"]
-            sc["texts"] = out.texts
-            if "trainer" in out.stats:
-                sc["rows_trained"] = out.stats["trainer"]["rows_trained"]
-                if sc["rows_trained"] == 0:
+            blob = json.dumps({"method": m.to_dict(), "prompts": prompts, "n": n, "max_new_tokens": max_new_tokens,
+                               "seed": seed, "chat": chat}, sort_keys=True)
+            path = None if cache_dir is None else os.path.join(
+                cache_dir, f"passk_s{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:16]}.json")
+            if path is not None and os.path.isfile(path):
+                with open(path) as f:
+                    gen = json.load(f)
+            else:
+                out = run_method(model, tokenizer, prompts, m, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                                 chat=chat, progress=progress)
+                gen = {"method": m.name, "seed": seed, "texts": out.texts, "mean_tokens": out.stats["mean_length"],
+                       "rows_trained": out.stats["trainer"]["rows_trained"] if "trainer" in out.stats else None}
+                if gen["rows_trained"] == 0:
                     raise RuntimeError(f"{m.name} seed {seed}: the distiller trained zero rows (failed run)")
+                if path is not None:
+                    os.makedirs(cache_dir, exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(gen, f)
+            sc = score_samples(tasks, gen["texts"])
+            sc["mean_tokens"] = gen["mean_tokens"]
+            sc["texts"] = gen["texts"]
+            if gen["rows_trained"] is not None:
+                sc["rows_trained"] = gen["rows_trained"]
             res["runs"][m.name][str(seed)] = sc
             if bar is not None:
                 bar.update(1)
