@@ -84,9 +84,14 @@ def _place(a: torch.Tensor, dtype, padded: bool) -> torch.Tensor:
 
 
 @st.composite
-def reweight_problems(draw, max_B=4):
+def reweight_problems(draw, max_B=4, dense=False):
+    """One reweight problem.  dense=True: V >= 1024 and no filter, so rows with beta > 0 take the kernel's
+    dense path (distiller logits of the whole vocabulary from one GEMM)."""
     B = draw(st.integers(1, max_B))
-    V = draw(st.one_of(st.integers(1, 96), st.sampled_from([257, 1031, 1500])))  # >= 1024: dense path
+    if dense:
+        V = draw(st.sampled_from([1024, 1031, 1500, 2053]))
+    else:
+        V = draw(st.one_of(st.integers(1, 96), st.sampled_from([257, 1031, 1500])))
     H = draw(st.integers(1, 40))
     ldt, pdt, wdt = (draw(st.sampled_from(DTYPES)) for _ in range(3))
     kind = draw(st.sampled_from(["normal", "lm", "ties", "nonfinite"]))
@@ -105,7 +110,7 @@ def reweight_problems(draw, max_B=4):
 
     # A quarter of the problems (half of those with V >= 1024): no filter on any row, so that rows with
     # beta > 0 take the dense GEMM path of the kernel.
-    unfiltered = draw(st.integers(0, 3)) == 0 or (V >= 1024 and draw(st.booleans()))
+    unfiltered = dense or draw(st.integers(0, 3)) == 0 or (V >= 1024 and draw(st.booleans()))
     params = dict(
         beta=torch.tensor(rows(st.one_of(st.just(0.0), st.floats(0.0, 3.0))), dtype=torch.float32),
         temperature=torch.tensor(rows(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.05, 4.0))),
@@ -118,10 +123,10 @@ def reweight_problems(draw, max_B=4):
         params.update(top_k=torch.zeros(B, dtype=torch.int64), top_p=torch.ones(B), min_p=torch.zeros(B))
     seeds = torch.tensor(rows(st.integers(-(2**63), 2**63 - 1)), dtype=torch.int64)
     steps = torch.tensor(rows(st.integers(-(2**63), 2**63 - 1)), dtype=torch.int64)
-    dense = V >= 1024 and bool(((params["beta"] > 0) & (params["temperature"] > 0) & (params["top_k"] <= 0)
+    dense_rows = V >= 1024 and bool(((params["beta"] > 0) & (params["temperature"] > 0) & (params["top_k"] <= 0)
                                 & (params["top_p"] == 1) & (params["min_p"] == 0)).any())
     event(f"logits={kind}")
-    event(f"V>=1024 with an unfiltered beta>0 row (dense GEMM path)={dense}")
+    event(f"V>=1024 with an unfiltered beta>0 row (dense GEMM path)={dense_rows}")
     note(f"B={B} V={V} H={H} dtypes={ldt},{pdt},{wdt} kind={kind} scale={scale} padded={padded} bias={bias} "
          f"params={params}")
     return (_place(l, ldt, padded), _place(p, pdt, padded), _place(W, wdt, padded), b, params, seeds, steps)
@@ -140,6 +145,23 @@ def _greedy_token(l_row: torch.Tensor) -> int:
 @_settings(100)
 @given(reweight_problems())
 def test_reweight_logits_property(problem):
+    _check_reweight_logits(problem)
+
+
+@_settings(100)
+@given(reweight_problems())
+def test_reweight_tokens_property(problem):
+    _check_reweight_tokens(problem)
+
+
+@_settings(25)
+@given(reweight_problems(dense=True))
+def test_dense_path_property(problem):
+    _check_reweight_logits(problem)
+    _check_reweight_tokens(problem)
+
+
+def _check_reweight_logits(problem):
     l, p, W, b, params, _, _ = problem
     B, V = l.shape
     out = esamp.ops.reweight_logits(l, p, W, lm_head_bias=b, **params)
@@ -169,9 +191,7 @@ def test_reweight_logits_property(problem):
             assert (err <= tol).all(), f"row {r}: |m - ref| {err[err > tol][:5]} > tol {tol[err > tol][:5]}"
 
 
-@_settings(100)
-@given(reweight_problems())
-def test_reweight_tokens_property(problem):
+def _check_reweight_tokens(problem):
     l, p, W, b, params, seeds, steps = problem
     B, V = l.shape
     tok, lp = esamp.ops.reweight(l, p, W, lm_head_bias=b, seed=seeds, step=steps, **params)
