@@ -174,3 +174,97 @@ def test_a_different_seed_changes_the_tokens(runs):
     for k in [k for k in a if k.startswith("reweight/") and k.endswith("_tokens")]:
         frac = (a[k] != b[k]).float().mean().item()
         assert frac > 0.3, f"{k}: only {frac:.0%} of the tokens changed with the seed"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Determinism under concurrency: esamp.Trainer.predict returns the prediction of a whole parameter state
+# ------------------------------------------------------------------------------------------------------------
+def _replayed_states(H, R, L, xs, ts, ids, xq, idq, **kw):
+    """{prediction bytes: k} for the bank after exactly k updates, k = 0..K (replayed with esamp.Distiller: the
+    same kernels in the same order give bit-identical parameters, see tests/test_trainer.py)."""
+    import esamp
+
+    d = esamp.Distiller(H, R, L, 1, **kw)
+    valid = {}
+    for k in range(len(xs) + 1):
+        valid[d.forward(xq, idq).numpy().tobytes()] = k
+        if k < len(xs):
+            d.train_step(xs[k], ts[k], ids)
+    assert len(valid) == len(xs) + 1, "test setup: two states give the same prediction"
+    return valid
+
+
+def test_trainer_predict_is_a_snapshot_under_concurrent_observe():
+    """One shared slot (S = 1, the shared-distiller mode): a feeder thread observes K batches, each after the
+    previous update finished and a short pause, while another thread calls predict() in a loop.  Every
+    prediction must be the prediction of the bank after exactly k updates for some k (never a mix of two
+    states), and k may not decrease from one call to the next.  A control run with the same threads but no
+    overlap (predict only after synchronize) must match k = 1..K in order: it shows that the bit-exact
+    comparison itself is sound.  The feeder's pause and the large predict batch leave an update room to start
+    while a prediction is running: an implementation that lets the worker write the parameters during a
+    forward pass fails this test (torn predictions)."""
+    import threading
+    import time
+
+    import esamp
+
+    H, R, L, K = 256, 32, 2, 60
+    kw = dict(lr=1e-2, seed=3)
+    g = torch.Generator().manual_seed(0)
+    xs, ts = torch.randn(K, 4, H, generator=g), torch.randn(K, 4, H, generator=g) * 3
+    ids = torch.zeros(4, dtype=torch.int64)
+    xq, idq = torch.randn(512, H, generator=g), torch.zeros(512, dtype=torch.int64)
+    valid = _replayed_states(H, R, L, xs, ts, ids, xq, idq, **kw)
+
+    # Control: same two-thread structure, predict only after the update finished.
+    ctrl_tr = esamp.Trainer(H, R, L, 1, ring_rows=8, ring_segments=2, **kw)
+    ctrl = []
+
+    def sequential():
+        for k in range(K):
+            ctrl_tr.observe(xs[k], ts[k], ids)
+            ctrl_tr.synchronize()
+            ctrl.append(valid.get(ctrl_tr.predict(xq, idq).numpy().tobytes(), -1))
+
+    t = threading.Thread(target=sequential)
+    t.start()
+    t.join()
+    assert ctrl == list(range(1, K + 1)), f"control run: states {ctrl}"
+
+    tr = esamp.Trainer(H, R, L, 1, ring_rows=8, ring_segments=2, **kw)
+    done = threading.Event()
+    got, errors = [], []
+
+    def feeder():
+        try:
+            for k in range(K):
+                tr.observe(xs[k], ts[k], ids)
+                while tr.pending():
+                    time.sleep(0.0002)
+                time.sleep(0.0005 * (k % 5))
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    def predictor():
+        try:
+            while not done.is_set():
+                got.append(tr.predict(xq, idq))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=feeder), threading.Thread(target=predictor)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    tr.synchronize()
+    assert tr.stats()["rows_trained"] == 4 * K
+    ks = [valid.get(y.numpy().tobytes(), -1) for y in got]
+    torn = sum(k < 0 for k in ks)
+    assert torn == 0, (f"{torn} of {len(ks)} predictions match no parameter state (read while an update was "
+                       f"writing the parameters); states seen: {ks[:40]}")
+    assert ks == sorted(ks), f"a later prediction saw an older state: {ks}"
+    assert len(ks) >= 10 and len(set(ks)) >= 5, f"too little overlap to test anything: states {ks}"
