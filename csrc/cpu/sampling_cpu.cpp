@@ -127,7 +127,9 @@ ESAMP_INLINE float sanitize_m(float m) {
 
 // exp(x) for x <= 0 in float32: Cody-Waite reduction and a degree-7 Taylor polynomial on
 // |r| <= ln2/2 (truncation error < 6e-9 relative); 0 below -87.3 (where expf is subnormal or 0);
-// fexp(0) == 1 exactly.  Vectorises (no calls, no branches).
+// fexp(0) == 1 exactly.  Checked against double exp over every float in [-87.29, 0]: relative error
+// <= 1.02e-7 (< 2^-23); it may step down by one ulp where expf would not (about 2900 places), which
+// only matters for values within an ulp of the top-p threshold.  Vectorises (no calls, no branches).
 ESAMP_INLINE float fexp_nonpos(float x) {
   const float xc = x > -87.3f ? x : -87.3f;  // also maps -inf / NaN
   const float t = xc * 1.44269504088896341f + 12582912.f;  // round to nearest integer (|n| < 2^22)
