@@ -70,7 +70,9 @@ run_step() {
   echo "esamp GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET} s"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
-  $PY -c 'import torch, sys; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1
+  $PY -c 'import torch, sys
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| device", dev)' 2>&1
 } | tee -a "$SUMMARY"
 
 # ------------------------------------------------------------------------------------------ 1. build

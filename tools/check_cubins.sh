@@ -29,7 +29,10 @@ if [ -z "$CO" ] && command -v nvcc >/dev/null 2>&1; then
   [ -n "$real" ] || real=$(readlink -f "$(command -v nvcc)")
   [ -x "$(dirname "$real")/cuobjdump" ] && CO="$(dirname "$real")/cuobjdump"
 fi
-[ -n "$CO" ] || { echo "check_cubins: no cuobjdump found (pip install --no-deps nvidia-cuda-cuobjdump==13.4.92)" >&2; exit 2; }
+if [ -z "$CO" ]; then
+  echo "check_cubins: no cuobjdump found (pip install --no-deps nvidia-cuda-cuobjdump==13.4.92)" >&2
+  exit 2
+fi
 
 echo "== $LIB ($CO)"
 ELF=$("$CO" --list-elf "$LIB" 2>&1) || { echo "$ELF"; echo "check_cubins: cuobjdump --list-elf failed" >&2; exit 1; }

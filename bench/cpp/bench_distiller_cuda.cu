@@ -222,8 +222,9 @@ int main(int argc, char** argv) {
               (long long)R, (long long)L, (long long)P, wsb / 1e6, reps, warmup);
 
   Timing fe, fg, te, tg;
-  time_both([&] { return distiller_forward_cuda(sh, bank.params, S, rin, y, DType::kF32, H, ws, wsb, nullptr, stream); },
-            stream, warmup, reps, &fe, &fg);
+  time_both(
+      [&] { return distiller_forward_cuda(sh, bank.params, S, rin, y, DType::kF32, H, ws, wsb, nullptr, stream); },
+      stream, warmup, reps, &fe, &fg);
   time_both([&] { return distiller_train_step_cuda(sh, cfg, bank, rin, losses, stats, ws, wsb, nullptr, stream); },
             stream, warmup, reps, &te, &tg);
   CK(cudaStreamSynchronize(stream));

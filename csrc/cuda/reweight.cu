@@ -288,7 +288,8 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
   __shared__ float s_redf[32];
   __shared__ int s_redi[33];
   __shared__ unsigned long long s_red64[32];
-  __shared__ float s_wkey[kWarps], s_wm[kWarps], s_wmx[kWarps], s_ws[kWarps];
+  __shared__ float s_wkey[kWarps], s_wm[kWarps], s_wmx[kWarps];
+  __shared__ double s_ws[kWarps];
   __shared__ int s_wid[kWarps];
 
   constexpr int VEC = DT<LT>::kVec;
@@ -427,8 +428,9 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
     return !topp || expf(z - zmax) >= wtau;
   };
 
-  // per-warp state (meaningful in lane 0)
-  float best_key = -INFINITY, best_m = -INFINITY, lmx = -INFINITY, ls = 0.0f;
+  // per-warp state (meaningful in lane 0); the logsumexp sum is kept in double (as on the CPU)
+  float best_key = -INFINITY, best_m = -INFINITY, lmx = -INFINITY;
+  double ls = 0.0;
   int best_id = -1;
 
   constexpr int64_t kChunkV = static_cast<int64_t>(kThreads) * VEC;
@@ -482,10 +484,10 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
             best_id = static_cast<int>(c);
           }
           if (m > lmx) {
-            ls = ls * expf(lmx - m) + 1.0f;
+            ls = ls * static_cast<double>(expf(lmx - m)) + 1.0;
             lmx = m;
           } else {
-            ls += expf(m - lmx);
+            ls += static_cast<double>(expf(m - lmx));
           }
         }
       }
@@ -503,7 +505,8 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
   }
   __syncthreads();
   if (tid == 0) {
-    float K = -INFINITY, M = -INFINITY, S = 0.0f, bm = -INFINITY;
+    float K = -INFINITY, M = -INFINITY, bm = -INFINITY;
+    double S = 0.0;
     int id = -1;
     for (int w = 0; w < kWarps; ++w) {
       if (s_wid[w] >= 0 && (id < 0 || s_wkey[w] > K || (s_wkey[w] == K && s_wid[w] < id))) {
@@ -514,10 +517,10 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       const float wm = s_wmx[w];
       if (wm == -INFINITY) continue;
       if (wm > M) {
-        S = S * expf(M - wm) + s_ws[w];
+        S = S * static_cast<double>(expf(M - wm)) + s_ws[w];
         M = wm;
       } else {
-        S += s_ws[w] * expf(wm - M);
+        S += s_ws[w] * static_cast<double>(expf(wm - M));
       }
     }
     if (id < 0) {
@@ -525,7 +528,9 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       logprobs[r] = -INFINITY;
     } else {
       tokens[r] = id;
-      logprobs[r] = bm - (M + logf(S));
+      // m* - max m first (exact for close values), as the CPU kernel: stays right when m saturates at FLT_MAX
+      logprobs[r] =
+          static_cast<float>(static_cast<double>(bm) - static_cast<double>(M) - log(S));
     }
   }
 }
