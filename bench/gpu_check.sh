@@ -233,6 +233,9 @@ run_step "CUDA timing vs eager PyTorch" 120 "$OUT/bench.log" \
   env PYTHONPATH=python "$PY" "$TMP/cuda_vs_eager.py" "$TMP/cuda_vs_eager.json"
 
 # ------------------------------------------------------------------------------------------ 6. other tests
+run_step "vLLM smoke (skips unless vLLM + CUDA + a model are present)" 120 "$OUT/vllm_smoke.log" \
+  env PYTHONPATH=python "$PY" bench/vllm_smoke.py
+
 run_step "pytest tests (except test_cuda.py)" 150 "$OUT/tests_other.log" \
   env PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider -rfE --ignore=tests/test_cuda.py tests
 grep -E "passed|failed|error" "$OUT/tests_other.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
