@@ -296,7 +296,9 @@ class Trainer : public torch::CustomClassHolder {
     {
       std::unique_lock<std::mutex> lk(mu_);
       const int64_t target = submitted_;
-      cv_done_.wait(lk, [&] { return completed_ >= target || !error_.empty(); });
+      // Every update queued before this call is done AND none is running (a job queued later by another
+      // thread may have been popped meanwhile; it must not write while we read).
+      cv_done_.wait(lk, [&] { return (completed_ >= target && !running_) || !error_.empty(); });
       rethrow_locked();
       ++readers_;
     }
@@ -361,6 +363,7 @@ class Trainer : public torch::CustomClassHolder {
         if (queue_.empty()) return;  // stop requested and nothing left
         j = std::move(queue_.front());
         queue_.pop_front();
+        running_ = true;
       }
       std::string err;
       try {
@@ -378,6 +381,7 @@ class Trainer : public torch::CustomClassHolder {
         if (j.kind == Job::kTrain) seg_busy_[j.seg] = false;
         if (!err.empty() && error_.empty()) error_ = err;
         snapshot_ = snap;
+        running_ = false;
         ++completed_;
       }
       cv_done_.notify_all();
@@ -399,6 +403,7 @@ class Trainer : public torch::CustomClassHolder {
   std::vector<bool> seg_busy_;
   int64_t submitted_ = 0, completed_ = 0;
   int64_t readers_ = 0;  // predictions reading the parameters right now (the worker waits for 0)
+  bool running_ = false;  // the worker is executing a job
   bool stop_ = false;
   std::string error_;
 #if defined(ESAMP_WITH_CUDA)
