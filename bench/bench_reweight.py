@@ -16,7 +16,9 @@ Gumbel noise from torch.rand instead of the Philox stream, which costs them less
   eager     esamp.reference.sampling.reweight_eager: min-p mask, one sort for top-k/top-p (skipped when no
             row uses them), dense d = pred @ W.T, mix, Gumbel-max, log_softmax
   compiled  torch.compile(eager) (inductor, CPU), when it compiles on this machine
-Each timing: median of --reps runs after --warmup runs, with p10 / p90; ratio = baseline median / esamp median.
+Each timing: median of --reps runs after --warmup runs, with p10 / p90 and the median CPU time of the process;
+ratio = baseline median / esamp median.  The load average is printed before and after: on a shared machine,
+compare the CPU-time ratios as well.
 """
 import argparse
 import os
@@ -45,16 +47,19 @@ def make_problem(B, V, H, wdtype, seed=0):
 
 
 def timeit(fn, reps, warmup):
+    """(wall median, wall p10, wall p90, CPU-time median).  CPU time = time.process_time() of this process
+    (all its threads): on a shared machine it shows the work done, independent of waiting for a core."""
     for _ in range(warmup):
         fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
     ts.sort()
     q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
-    return statistics.median(ts), q(0.1), q(0.9)
+    return statistics.median(ts), q(0.1), q(0.9), statistics.median(cs)
 
 
 def main():
@@ -76,6 +81,7 @@ def main():
     B, V, H = args.B, args.V, args.H
     wdtype = torch.float32 if args.wdtype == "f32" else torch.bfloat16
     logits, pred, W = make_problem(B, V, H, wdtype)
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"bench_reweight: B={B} V={V} H={H} W={args.wdtype} beta=0.25 T=1 | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs | median of {args.reps} after {args.warmup} "
           f"warm-up (p10 / p90)")
@@ -124,11 +130,13 @@ def main():
                 print(f"  (torch.compile: first call incl. compilation {ct:.1f} s)")
             except Exception as e:  # report, do not hide
                 print(f"  torch.compile baseline failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        for label, (med, p10, p90) in rows:
-            ratio = "" if label == "esamp" else f"   esamp is {med / t_es[0]:.2f}x faster"
-            print(f"  {label:9s} median {med * 1e3:9.3f} ms   p10 {p10 * 1e3:9.3f}   p90 {p90 * 1e3:9.3f}{ratio}")
+        for label, (med, p10, p90, cpu) in rows:
+            ratio = "" if label == "esamp" else f"   ratio {med / t_es[0]:7.2f}x (CPU time {cpu / t_es[3]:6.2f}x)"
+            print(f"  {label:9s} median {med * 1e3:9.3f} ms   p10 {p10 * 1e3:9.3f}   p90 {p90 * 1e3:9.3f}   "
+                  f"CPU {cpu * 1e3:9.3f} ms{ratio}")
         base = min(r[1][0] for r in rows[1:])
-        print(f"  vs strongest baseline: {base / t_es[0]:.2f}x")
+        print(f"  esamp vs strongest baseline (wall medians): {base / t_es[0]:.2f}x faster")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

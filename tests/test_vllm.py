@@ -386,7 +386,8 @@ def test_register_is_lazy_and_harmless_in_a_fresh_process():
         print("OK")
     """)
     env = dict(os.environ, **_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
+    # The child imports the same esamp as this process (an installed package or the dev tree).
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(esamp.__file__))),
                                          env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

@@ -39,6 +39,9 @@ if command -v nvcc >/dev/null 2>&1 && [ "${ESAMP_CUDA:-AUTO}" != "OFF" ]; then
   export CUDAToolkit_ROOT
   CUDAToolkit_ROOT=$(dirname "$(dirname "$real")")
   log "CUDA toolkit: $CUDAToolkit_ROOT (kernels for sm_${ESAMP_CUDA_ARCHS:-80;90})"
+  # cuobjdump (not in this toolkit) lets tools/check_cubins.sh list the embedded device code.
+  python -c "import importlib.util as u, os, sys; s = u.find_spec('nvidia'); sys.exit(0 if s and any(os.path.exists(os.path.join(p, 'cu13/bin/cuobjdump')) for p in s.submodule_search_locations) else 1)" \
+    >/dev/null 2>&1 || $PIPQ --no-deps nvidia-cuda-cuobjdump==13.4.92 || log "warning: cuobjdump unavailable"
 fi
 log "building and installing esamp (pip install --no-build-isolation .)"
 python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps . 

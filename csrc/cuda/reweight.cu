@@ -24,11 +24,12 @@
 //   min-p           : threshold theta = max z + log(min_p) (no pass).
 //   top-k (if on)   : radix select over the order-preserving bits of z (4 passes of 8-bit digits,
 //                     shared-memory histograms of counts) -> the k-th largest value; ties kept.
-//   top-p (if on)   : the same radix select on the bits of w = exp(z - max z) weighted by w in 64-bit
-//                     fixed point (integer atomics, so the result is deterministic); tau is the largest
-//                     w such that the mass of {w_i >= tau} is >= top_p * total mass, which is exactly
-//                     the probability of the last element of the shortest sorted prefix of mass
-//                     >= top_p.
+//   top-p (if on)   : one pass for the total mass Z, then the same radix select on the bits of
+//                     w = exp(z - max z) weighted by w in 64-bit fixed point (integer sums and atomics,
+//                     so the result is deterministic); tau is the largest w such that the mass of
+//                     {w_i >= tau} is >= top_p * Z, which is exactly the probability of the last element
+//                     of the shortest sorted prefix of mass >= top_p.  Members too light to be tau
+//                     (see the code) are left out of the histograms.
 //   candidate pass  : the row is cut in chunks of kThreads * VEC ids; the candidates of a chunk are
 //                     compacted in id order into shared memory; warp w takes candidates w, w+kWarps,
 //                     ... and computes d_c = pred . W_c (+ b_c) with 16-byte loads of W_c (pred row
@@ -160,11 +161,12 @@ struct SelectShared {
 };
 
 // Radix select: the largest key K such that the total weight of the set members whose key is
-// >= K reaches `target`.  kMass: 64-bit fixed-point weights, target = clamp(ceil(top_p * total),
-// 1, total); otherwise unit weights and target = k, inactive when the set has <= k members.
-// member(l, key, weight) -> bool.  Returns false (in every thread) when inactive.
+// >= K reaches `target` (>= 1).  kMass: 64-bit fixed-point weights, inactive when the members weigh
+// less than target (cannot happen for the caller's target); otherwise unit weights and target = k,
+// inactive when the set has <= k members.  member(l, key, weight) -> bool.  Returns false (in every
+// thread) when inactive.
 template <DType LT, bool kMass, typename Member>
-__device__ bool radix_select(const void* row, int64_t V, bool vec_ok, Member member, int64_t k, float top_p,
+__device__ bool radix_select(const void* row, int64_t V, bool vec_ok, Member member, unsigned long long target,
                              SelectShared& sh, uint32_t* out_key) {
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   uint32_t prefix = 0, pmask = 0;
@@ -175,7 +177,7 @@ __device__ bool radix_select(const void* row, int64_t V, bool vec_ok, Member mem
     for_each_logit<LT>(row, V, vec_ok, [&](int64_t, float l) {
       uint32_t key;
       unsigned long long w;
-      if (member(l, key, w) && (key & pmask) == prefix && w != 0ull)
+      if (member(l, key, w) && (key & pmask) == prefix)
         atomicAdd(&sh.hist[(key >> shift) & 255u], w);
     });
     __syncthreads();
@@ -186,15 +188,7 @@ __device__ bool radix_select(const void* row, int64_t V, bool vec_ok, Member mem
       bool go = true;
       if (level == 0) {
         const unsigned long long total = warp_sum(s);
-        unsigned long long target;
-        if (kMass) {
-          const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
-          target = t < 1.0 ? 1ull : (t >= static_cast<double>(total) ? total : static_cast<unsigned long long>(t));
-          go = total != 0ull;
-        } else {
-          target = static_cast<unsigned long long>(k);
-          go = total > target;
-        }
+        go = target >= 1ull && (kMass ? total >= target : total > target);
         if (lane == 0) {
           sh.active = go ? 1 : 0;
           sh.target = target;
@@ -293,7 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
   __shared__ SelectShared s_sel;
   __shared__ float s_redf[32];
   __shared__ int s_redi[33];
-  __shared__ float s_wkey[kWarps], s_wm[kWarps], s_wmx[kWarps], s_ws[kWarps];
+  __shared__ unsigned long long s_red64[32];
+  __shared__ float s_wkey[kWarps], s_wm[kWarps], s_wmx[kWarps];
+  __shared__ double s_ws[kWarps];
   __shared__ int s_wid[kWarps];
 
   constexpr int VEC = DT<LT>::kVec;
@@ -369,7 +365,8 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       return true;
     };
     uint32_t K;
-    if (radix_select<LT, false>(lrow, V, lvec, member, top_k, 0.0f, s_sel, &K)) theta = fmaxf(theta, key_float(K));
+    if (radix_select<LT, false>(lrow, V, lvec, member, static_cast<unsigned long long>(top_k), s_sel, &K))
+      theta = fmaxf(theta, key_float(K));
   }
 
   // ---- top-p on w = exp(z - zmax) over {valid, z >= theta}
@@ -381,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
     for (int64_t v = V; v > 0; v >>= 1) ++bits;
     const float scale = ldexpf(1.0f, 62 - bits);
     const float th = theta;
-    auto member = [&](float l, uint32_t& key, unsigned long long& w) -> bool {
+    auto weight = [&](float l, uint32_t& key, unsigned long long& w) -> bool {
       const float z = zval(l, T);
       if (!(z > -INFINITY && z >= th)) return false;
       const float e = expf(z - zmax);
@@ -389,8 +386,25 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       w = __float2ull_rz(e * scale);
       return true;
     };
+    // Total mass Z of the set: exact integer sum, independent of the summation order.
+    unsigned long long zs = 0;
+    for_each_logit<LT>(lrow, V, lvec, [&](int64_t, float l) {
+      uint32_t key;
+      unsigned long long w;
+      if (weight(l, key, w)) zs += w;
+    });
+    zs = block_sum(zs, s_red64);
+    const double tt = ceil(static_cast<double>(top_p) * static_cast<double>(zs));
+    const unsigned long long target =
+        tt < 1.0 ? 1ull : (tt >= static_cast<double>(zs) ? zs : static_cast<unsigned long long>(tt));
+    // Members lighter than X can never be the threshold element: together they weigh less than
+    // V * X <= Z - target, so the heavier members alone reach the target.  Skipping them keeps the
+    // histograms (shared-memory atomics) to the head of the distribution; the result is unchanged.
+    unsigned long long X = (zs - target) / static_cast<unsigned long long>(V);
+    if (X < 1ull) X = 1ull;
+    auto member = [&](float l, uint32_t& key, unsigned long long& w) -> bool { return weight(l, key, w) && w >= X; };
     uint32_t K;
-    if (radix_select<LT, true>(lrow, V, lvec, member, 0, top_p, s_sel, &K)) {
+    if (radix_select<LT, true>(lrow, V, lvec, member, target, s_sel, &K)) {
       topp = true;
       wtau = __uint_as_float(K);
     }
@@ -414,8 +428,9 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
     return !topp || expf(z - zmax) >= wtau;
   };
 
-  // per-warp state (meaningful in lane 0)
-  float best_key = -INFINITY, best_m = -INFINITY, lmx = -INFINITY, ls = 0.0f;
+  // per-warp state (meaningful in lane 0); the logsumexp sum is kept in double (as on the CPU)
+  float best_key = -INFINITY, best_m = -INFINITY, lmx = -INFINITY;
+  double ls = 0.0;
   int best_id = -1;
 
   constexpr int64_t kChunkV = static_cast<int64_t>(kThreads) * VEC;
@@ -469,10 +484,10 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
             best_id = static_cast<int>(c);
           }
           if (m > lmx) {
-            ls = ls * expf(lmx - m) + 1.0f;
+            ls = ls * static_cast<double>(expf(lmx - m)) + 1.0;
             lmx = m;
           } else {
-            ls += expf(m - lmx);
+            ls += static_cast<double>(expf(m - lmx));
           }
         }
       }
@@ -490,7 +505,8 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
   }
   __syncthreads();
   if (tid == 0) {
-    float K = -INFINITY, M = -INFINITY, S = 0.0f, bm = -INFINITY;
+    float K = -INFINITY, M = -INFINITY, bm = -INFINITY;
+    double S = 0.0;
     int id = -1;
     for (int w = 0; w < kWarps; ++w) {
       if (s_wid[w] >= 0 && (id < 0 || s_wkey[w] > K || (s_wkey[w] == K && s_wid[w] < id))) {
@@ -501,10 +517,10 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       const float wm = s_wmx[w];
       if (wm == -INFINITY) continue;
       if (wm > M) {
-        S = S * expf(M - wm) + s_ws[w];
+        S = S * static_cast<double>(expf(M - wm)) + s_ws[w];
         M = wm;
       } else {
-        S += s_ws[w] * expf(wm - M);
+        S += s_ws[w] * static_cast<double>(expf(wm - M));
       }
     }
     if (id < 0) {
@@ -512,7 +528,9 @@ __global__ void __launch_bounds__(kThreads, 1) reweight_kernel(const ReweightPro
       logprobs[r] = -INFINITY;
     } else {
       tokens[r] = id;
-      logprobs[r] = bm - (M + logf(S));
+      // m* - max m first (exact for close values), as the CPU kernel: stays right when m saturates at FLT_MAX
+      logprobs[r] =
+          static_cast<float>(static_cast<double>(bm) - static_cast<double>(M) - log(S));
     }
   }
 }

@@ -118,24 +118,9 @@ class Trainer : public torch::CustomClassHolder {
       return forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt);
     }
 #endif
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      const int64_t target = submitted_;
-      cv_done_.wait(lk, [&] { return completed_ >= target || !error_.empty(); });
-      rethrow_locked();
-      ++readers_;
-    }
-    struct Release {
-      Trainer* t;
-      ~Release() {
-        {
-          std::lock_guard<std::mutex> lk(t->mu_);
-          --t->readers_;
-        }
-        t->cv_job_.notify_all();
-      }
-    } release{this};
-    return forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt);
+    return read_bank([&] {
+      return std::vector<at::Tensor>{forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt)};
+    })[0];
   }
 
   // Queue one optimizer step on rows (x, t); returns at once (the rows are copied first).
@@ -260,14 +245,30 @@ class Trainer : public torch::CustomClassHolder {
   }
 
   at::Tensor last_losses() {
-    synchronize();
-    return losses_.clone();
+    return read_bank([&] { return std::vector<at::Tensor>{losses_.clone()}; })[0];
   }
 
-  // Bank tensors (for state dicts): synchronised views.
+  // Copies of the bank tensors (for state dicts), taken after every queued update.
   std::vector<at::Tensor> state() {
-    synchronize();
-    return {params_, exp_avg_, exp_avg_sq_, step_, counters_};
+    return read_bank([&] {
+      return std::vector<at::Tensor>{params_.clone(), exp_avg_.clone(), exp_avg_sq_.clone(), step_.clone(),
+                                     counters_.clone()};
+    });
+  }
+
+  // Overwrite the bank (load_state_dict), ordered after every queued update.
+  void load_state(std::vector<at::Tensor> src) {
+    TORCH_CHECK(src.size() == 5, "state: expected 5 tensors (params, exp_avg, exp_avg_sq, step, counters), got ",
+                src.size());
+    at::Tensor* dst[5] = {&params_, &exp_avg_, &exp_avg_sq_, &step_, &counters_};
+    const char* names[5] = {"params", "exp_avg", "exp_avg_sq", "step", "counters"};
+    for (int i = 0; i < 5; ++i)
+      TORCH_CHECK(src[i].sizes() == dst[i]->sizes(), "state[", names[i], "]: expected shape ", shape_str(*dst[i]),
+                  ", got ", shape_str(src[i]));
+    read_bank([&] {  // the worker is held off, so writing here is exclusive with updates too
+      for (int i = 0; i < 5; ++i) dst[i]->copy_(src[i].to(dst[i]->device(), dst[i]->scalar_type()));
+      return std::vector<at::Tensor>{};
+    });
   }
 
   int64_t pending() {
@@ -276,6 +277,44 @@ class Trainer : public torch::CustomClassHolder {
   }
 
  private:
+  // Runs fn after every queued update, with the CPU worker held off while fn runs (CUDA: on the
+  // trainer stream after the last update, then synchronised).
+  template <typename F>
+  std::vector<at::Tensor> read_bank(F fn) {
+#if defined(ESAMP_WITH_CUDA)
+    if (dev_.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(dev_);
+      std::vector<at::Tensor> out;
+      {
+        c10::cuda::CUDAStreamGuard sg(stream());
+        out = fn();
+      }
+      stream().synchronize();
+      return out;
+    }
+#endif
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      const int64_t target = submitted_;
+      // Every update queued before this call is done AND none is running (a job queued later by another
+      // thread may have been popped meanwhile; it must not write while we read).
+      cv_done_.wait(lk, [&] { return (completed_ >= target && !running_) || !error_.empty(); });
+      rethrow_locked();
+      ++readers_;
+    }
+    struct Release {
+      Trainer* t;
+      ~Release() {
+        {
+          std::lock_guard<std::mutex> lk(t->mu_);
+          --t->readers_;
+        }
+        t->cv_job_.notify_all();
+      }
+    } release{this};
+    return fn();
+  }
+
   bool any_free_segment() const {
     for (bool b : seg_busy_)
       if (!b) return true;
@@ -324,6 +363,7 @@ class Trainer : public torch::CustomClassHolder {
         if (queue_.empty()) return;  // stop requested and nothing left
         j = std::move(queue_.front());
         queue_.pop_front();
+        running_ = true;
       }
       std::string err;
       try {
@@ -341,6 +381,7 @@ class Trainer : public torch::CustomClassHolder {
         if (j.kind == Job::kTrain) seg_busy_[j.seg] = false;
         if (!err.empty() && error_.empty()) error_ = err;
         snapshot_ = snap;
+        running_ = false;
         ++completed_;
       }
       cv_done_.notify_all();
@@ -362,6 +403,7 @@ class Trainer : public torch::CustomClassHolder {
   std::vector<bool> seg_busy_;
   int64_t submitted_ = 0, completed_ = 0;
   int64_t readers_ = 0;  // predictions reading the parameters right now (the worker waits for 0)
+  bool running_ = false;  // the worker is executing a job
   bool stop_ = false;
   std::string error_;
 #if defined(ESAMP_WITH_CUDA)
@@ -384,6 +426,7 @@ TORCH_LIBRARY_FRAGMENT(esamp, m) {
       .def("stats", &Trainer::stats)
       .def("last_losses", &Trainer::last_losses)
       .def("state", &Trainer::state)
+      .def("load_state", &Trainer::load_state)
       .def("pending", &Trainer::pending);
 }
 

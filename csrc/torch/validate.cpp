@@ -30,7 +30,7 @@ static void check_same_device(const at::Tensor& ref, const char* ref_name, const
 
 // A 2-D tensor whose rows may be strided but whose last dimension must be dense.
 static void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, name,
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1 || t.size(0) == 0, name,
               ": expected the last dimension to be contiguous (stride 1), got strides [", t.stride(0), ", ",
               t.stride(1), "]; call .contiguous() first");
 }

@@ -41,7 +41,9 @@ def _config(args):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="esamp", description="Exploratory Sampling (ESamp) for LLM decoding.")
-    sub = ap.add_subparsers(dest="command", metavar="{demo,generate}")
+    sub = ap.add_subparsers(dest="command", metavar="{demo,generate,eval}")
+    sub.add_parser("eval", help="evaluation suite: `esamp eval diversity ...`, `esamp eval passk ...` "
+                               "(see `esamp eval --help`)")
     d = sub.add_parser("demo", help="vanilla vs ESamp on the embedded model: samples, metrics table, plot")
     _add_sampling(d, n=8, max_new_tokens=64)
     d.add_argument("--prompt", action="append", default=None,
@@ -95,6 +97,11 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":  # `esamp eval diversity|passk ...` has its own parser
+        from .eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command is None:

@@ -98,13 +98,15 @@ class Trainer:
                 raise ValueError(f"state_dict: {k} mismatch: this trainer has {k}={getattr(self, k)}, "
                                  f"the state has {k}={cfg.get(k)}")
         names = ("params", "exp_avg", "exp_avg_sq", "step", "counters")
-        with torch.no_grad():
-            for name, dst in zip(names, self._impl.state()):
-                src = torch.as_tensor(sd[name])
-                if src.shape != dst.shape:
-                    raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(dst.shape)}, got "
-                                     f"{tuple(src.shape)}")
-                dst.copy_(src.to(dst.device, dst.dtype))
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise ValueError(f"state_dict: missing keys {missing}")
+        cur = self._impl.state()
+        for name, dst in zip(names, cur):
+            src = torch.as_tensor(sd[name])
+            if src.shape != dst.shape:
+                raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
+        self._impl.load_state([torch.as_tensor(sd[n]) for n in names])
 
     def __del__(self):
         impl = getattr(self, "_impl", None)

@@ -1,0 +1,621 @@
+"""CUDA kernels against the CPU kernels (SPEC 2-5).
+
+Every test needs a CUDA device and is skipped without one; with a device the same file runs unchanged.
+The CPU kernels are the reference here: they are tested against the plain references in their own test
+files, so agreement with them is what these tests establish.
+
+Tolerances (fp32 accumulation in a different order on each backend):
+  * mixed logits m: a rigorous per-token bound (m_bound below): each backend computes d = p . W_c as a float32
+    sum of H products in some order, |d - d_exact| <= (H + 2) u sum_h |p_h W_ch| + 2 u |d| (u = 2^-24), and
+    the mix ((1 + beta) l - beta d) / T adds a few roundings of its operands; twice that bounds the
+    difference of the two backends.  Exact where beta = 0 (m = z, one IEEE division on both).
+  * logprobs: |diff| <= bound(m_tok) + max over the candidates of bound(m_c) + 1e-6 (1 + |logprob|)
+    (logsumexp is 1-Lipschitz in the max norm; both backends sum the exponentials in double).
+  * sampled tokens: agreement >= 99.5 % (SPEC 4); candidate sets: identical on every row whose values
+    are not within 1e-5 (relative) of a filter threshold (SPEC 4), and such rows must be a small minority.
+  * distiller: relative norm error <= 1e-4 after 20 fp32 train steps (Adam with eps 1e-4 is smooth in
+    the gradient, so summation-order noise stays at the 1e-7 level per step).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import esamp
+from esamp import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (torch.cuda.is_available() is False)")
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+OPS = ("reweight", "reweight_logits", "mix_hidden", "distiller_forward", "distiller_train_step", "distiller_reset")
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def cuda(*ts):
+    return tuple(None if t is None else t.cuda() for t in ts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------------
+def lm_problem(B, V, H, dtype, wdtype, seed, bias=False):
+    """LM-like logits: l = h W^T for a random LM head W [V, H] and hidden states h, prediction = h + noise,
+    and a mix of per-row filters (greedy rows, top-k, top-p, min-p, none)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, H, generator=g) / H ** 0.5
+    hid = torch.randn(B, H, generator=g) * 3.0
+    logits = (hid @ W.T).to(dtype)
+    pred = (hid + 0.5 * torch.randn(B, H, generator=g)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(wdtype) if bias else None
+    rp = {
+        "beta": torch.rand(B, generator=g) * 0.5,
+        "temperature": torch.where(torch.rand(B, generator=g) < 0.1, torch.zeros(B),
+                                   torch.rand(B, generator=g) * 1.2 + 0.3),
+        "top_k": torch.where(torch.rand(B, generator=g) < 0.4, torch.randint(1, 200, (B,), generator=g),
+                             torch.zeros(B, dtype=torch.int64)),
+        "top_p": torch.where(torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) * 0.9 + 0.05, torch.ones(B)),
+        "min_p": torch.where(torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) * 0.1, torch.zeros(B)),
+    }
+    seed_t = esamp.ops.derive_row_seeds(seed, B)
+    return logits, pred, W.to(wdtype), b, rp, seed_t
+
+
+def run_reweight(dev, logits, pred, W, b, rp, seed_t, step):
+    a = [t.to(dev) if t is not None else None for t in (logits, pred, W, b)]
+    r = {k: v.to(dev) for k, v in rp.items()}
+    return ops.reweight(a[0], a[1], a[2], lm_head_bias=a[3], seed=seed_t.to(dev),
+                        step=torch.full((logits.shape[0],), step, dtype=torch.int64, device=dev), **r)
+
+
+def run_reweight_logits(dev, logits, pred, W, b, rp):
+    a = [t.to(dev) if t is not None else None for t in (logits, pred, W, b)]
+    r = {k: v.to(dev) for k, v in rp.items()}
+    return ops.reweight_logits(a[0], a[1], a[2], lm_head_bias=a[3], **r)
+
+
+def threshold_margin(l, T, top_k, top_p, min_p):
+    """Smallest relative distance of a rounding-sensitive filter decision of one row (SPEC 3.2, 4):
+    values next to the min-p threshold, cumulative masses next to top_p, distinct probabilities next to
+    tau.  Top-k compares z values that both backends compute exactly (IEEE division), so it adds none."""
+    l = np.where(np.isnan(l), -np.inf, np.minimum(l, FLT_MAX)).astype(np.float32)
+    if not T > 0:
+        return math.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = np.clip((l / np.float32(T)).astype(np.float32), -FLT_MAX, FLT_MAX)
+    z = np.where(l == -np.inf, -np.inf, z).astype(np.float32)
+    fin = z > -np.inf
+    if not fin.any():
+        return math.inf
+    zmax = z[fin].max()
+    keep = fin.copy()
+    margin = math.inf
+    if min_p > 0:
+        thr = float(np.float32(zmax + np.float32(math.log(min_p))))
+        margin = min(margin, float(np.min(np.abs(z[fin].astype(np.float64) - thr))) / max(1.0, abs(thr)))
+        keep &= z >= thr
+    if 0 < top_k < z.shape[0]:
+        vals = np.sort(z[keep])[::-1]
+        if vals.shape[0] > top_k:
+            keep &= z >= vals[top_k - 1]
+    if top_p < 1:
+        e = np.exp(z[keep].astype(np.float64) - float(zmax))
+        ps = np.sort(e / e.sum())[::-1]
+        cs = np.cumsum(ps)
+        n = min(int(np.searchsorted(cs, top_p, side="left")), ps.shape[0] - 1)
+        margin = min(margin, abs(cs[n] - top_p) / top_p)
+        if n > 0:
+            margin = min(margin, abs(cs[n - 1] - top_p) / top_p)
+        distinct = np.unique(ps)
+        j = int(np.searchsorted(distinct, ps[n]))
+        for q in (j - 1, j + 1):
+            if 0 <= q < distinct.shape[0]:
+                margin = min(margin, abs(distinct[q] - ps[n]) / ps[n])
+    return margin
+
+
+U = 2.0 ** -24
+
+
+def m_bound(logits, pred, W, b, rp):
+    """Bound on |m_cuda - m_cpu| for every [row, token] (see the top of the file).  float64 [B, V]."""
+    l = torch.nan_to_num(logits.double(), nan=0.0, posinf=FLT_MAX, neginf=0.0)
+    P, Wd = pred.double(), torch.nan_to_num(W.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    absdot = P.abs() @ Wd.abs().T
+    d = P @ Wd.T
+    dd = (P.shape[1] + 2) * U * absdot + 2 * U * d.abs()
+    if b is not None:
+        bd = b.double()
+        d = d + bd
+        dd = dd + 2 * U * (d.abs() + bd.abs())
+    beta = rp["beta"].double().clamp(min=0)[:, None]
+    T = rp["temperature"].double()[:, None]
+    T = torch.where(T > 0, T, torch.ones_like(T))
+    m = ((1 + beta) * l - beta * d) / T
+    tol = 2 * ((beta * dd + 4 * U * ((1 + beta) * l.abs() + beta * d.abs())) / T + 4 * U * m.abs())
+    return torch.where(beta == 0, 2 * U * (l / T).abs(), tol)
+
+
+def assert_m_close(got, want, tol):
+    """Mixed logits on the finite entries of `want` (same -inf pattern asserted by the caller)."""
+    fin = torch.isfinite(want)
+    diff = (got.double() - want.double()).abs()[fin]
+    bound = tol[fin]
+    bad = diff > bound
+    assert not bool(bad.any()), (f"{int(bad.sum())} mixed logits differ by more than the bound: worst "
+                                 f"|diff| {float(diff[bad].max()):.3e} vs bound {float(bound[bad].min()):.3e}")
+
+
+def assert_logprobs_close(got, want, tol, mixed):
+    """Logprobs of rows whose token agrees; `mixed` = CPU reweight_logits of the same problem (C = finite)."""
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin) and torch.equal(got[~fin], want[~fin])
+    tolc = torch.where(torch.isfinite(mixed), tol, torch.zeros_like(tol)).nan_to_num(nan=0.0)
+    row_tol = 2 * tolc.max(dim=1).values + 1e-6 * (1 + want.double().abs())
+    diff = (got.double() - want.double()).abs()
+    bad = fin & (diff > row_tol)
+    assert not bool(bad.any()), f"logprobs differ beyond the bound on rows {bad.nonzero().flatten().tolist()}"
+
+
+def rel_err(a, b):
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op):
+    assert ops.has_cuda_kernels(op), f"esamp::{op} has no CUDA kernel in this build"
+
+
+# --------------------------------------------------------------------------------------------------
+# reweight / reweight_logits
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,wdtype,bias", [(F32, F32, False), (BF16, BF16, True), (F16, BF16, False)])
+def test_reweight_tokens_agree_with_cpu(dtype, wdtype, bias):
+    B, V, H = 64, 32000, 512
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, dtype, wdtype, 11, bias)
+    tol = m_bound(logits, pred, W, b, rp)
+    mixed = run_reweight_logits("cpu", logits, pred, W, b, rp)
+    agree = total = 0
+    for step in range(8):
+        tc, lc = run_reweight("cpu", logits, pred, W, b, rp, seed_t, step)
+        tg, lg = run_reweight("cuda", logits, pred, W, b, rp, seed_t, step)
+        tg, lg = tg.cpu(), lg.cpu()
+        assert tg.dtype == torch.int64 and lg.dtype == torch.float32
+        assert bool(((tg >= 0) & (tg < V)).all())
+        same = tg == tc
+        agree += int(same.sum())
+        total += B
+        assert_logprobs_close(lg[same], lc[same], tol[same], mixed[same])
+        greedy = rp["temperature"] == 0
+        assert bool((lg[greedy] == 0).all())
+    assert agree >= math.ceil(0.995 * total), f"tokens agree on {agree}/{total} rows"
+
+
+@pytest.mark.parametrize("dtype,wdtype,bias", [(F32, F32, True), (BF16, BF16, False)])
+def test_reweight_logits_candidate_sets_agree_with_cpu(dtype, wdtype, bias):
+    B, V, H = 64, 32000, 512
+    logits, pred, W, b, rp, _ = lm_problem(B, V, H, dtype, wdtype, 12, bias)
+    tol = m_bound(logits, pred, W, b, rp)
+    oc = run_reweight_logits("cpu", logits, pred, W, b, rp)
+    og = run_reweight_logits("cuda", logits, pred, W, b, rp).cpu()
+    assert og.shape == (B, V) and og.dtype == torch.float32
+    lf = logits.float().numpy()
+    exact = 0
+    for r in range(B):
+        mc, mg = torch.isneginf(oc[r]), torch.isneginf(og[r])
+        if torch.equal(mc, mg):
+            exact += 1
+            assert_m_close(og[r], oc[r], tol[r])
+        else:
+            margin = threshold_margin(lf[r], float(rp["temperature"][r]), int(rp["top_k"][r]),
+                                      float(rp["top_p"][r]), float(rp["min_p"][r]))
+            assert margin < 1e-5, f"row {r}: candidate sets differ away from every threshold (margin {margin:.2e})"
+    assert exact >= B - 2, f"candidate sets identical on only {exact}/{B} rows"
+
+
+def test_reweight_awkward_shapes_agree_with_cpu():
+    # odd V (vector tails), B = 1, non-contiguous logits rows, strided prediction rows, fp16 bias,
+    # an H whose bf16 rows are not 16-byte aligned (scalar weight path)
+    for B, V, H, seed in ((1, 32001, 577, 1), (5, 4099, 37, 2), (33, 1000, 96, 3)):
+        logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, F16, BF16, seed, bias=True)
+        b = b.to(F16)
+        wide = torch.zeros(B, V + 3, dtype=F16)
+        wide[:, 1:V + 1] = logits
+        logits_nc = wide[:, 1:V + 1]
+        pred_wide = torch.zeros(B, 2 * H, dtype=F16)
+        pred_wide[:, :H] = pred
+        pred_nc = pred_wide[:, :H]
+        tol = m_bound(logits, pred, W, b, rp)
+        oc = run_reweight_logits("cpu", logits_nc, pred_nc, W, b, rp)
+        og = run_reweight_logits("cuda", logits_nc, pred_nc, W, b, rp).cpu()
+        assert torch.equal(torch.isneginf(oc), torch.isneginf(og))
+        assert_m_close(og, oc, tol)
+        for step in (0, 1):
+            tc, lc = run_reweight("cpu", logits_nc, pred_nc, W, b, rp, seed_t, step)
+            tg, lg = run_reweight("cuda", logits_nc, pred_nc, W, b, rp, seed_t, step)
+            assert torch.equal(tg.cpu(), tc), (B, V, H)
+            assert_logprobs_close(lg.cpu(), lc, tol, oc)
+
+
+def test_reweight_large_hidden_workspace_path_agrees_with_cpu():
+    # H > 6144: the prediction row is staged in the workspace instead of shared memory
+    B, V, H = 16, 3000, 7001
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, F32, BF16, 4)
+    tol = m_bound(logits, pred, W, b, rp)
+    oc = run_reweight_logits("cpu", logits, pred, W, b, rp)
+    og = run_reweight_logits("cuda", logits, pred, W, b, rp).cpu()
+    assert torch.equal(torch.isneginf(oc), torch.isneginf(og))
+    assert_m_close(og, oc, tol)
+    tc, lc = run_reweight("cpu", logits, pred, W, b, rp, seed_t, 3)
+    tg, lg = run_reweight("cuda", logits, pred, W, b, rp, seed_t, 3)
+    assert torch.equal(tg.cpu(), tc)
+    assert_logprobs_close(lg.cpu(), lc, tol, oc)
+
+
+def test_reweight_non_finite_inputs_agree_with_cpu():
+    B, V, H = 8, 2000, 64
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, F32, F32, 5)
+    rp["temperature"] = torch.tensor([1.0, 1.0, 0.0, 0.0, 1e-38, 1.0, 0.7, 1.0])
+    rp["beta"] = torch.full((B,), 0.25)
+    logits[0, 7] = float("inf")            # +inf -> FLT_MAX, the sure winner
+    logits[1, :] = float("nan")            # no finite logit: token 0, logprob -inf
+    logits[2, :] = float("-inf")           # greedy, no finite logit: token 0, logprob 0
+    logits[3, ::2] = float("nan")          # greedy with NaNs
+    logits[4, 11] = 3e38                   # z overflows -> clamped
+    W[logits[5].argmax()] = float("nan")   # NaN weight row: that candidate's m is NaN -> -inf
+    logits[6, 100:] = float("-inf")
+    tol = m_bound(logits, pred, W, b, rp)
+    oc = run_reweight_logits("cpu", logits, pred, W, b, rp)
+    og = run_reweight_logits("cuda", logits, pred, W, b, rp).cpu()
+    assert torch.equal(torch.isneginf(oc), torch.isneginf(og))
+    assert_m_close(og, oc, tol)
+    for step in (0, 1):
+        tc, lc = run_reweight("cpu", logits, pred, W, b, rp, seed_t, step)
+        tg, lg = run_reweight("cuda", logits, pred, W, b, rp, seed_t, step)
+        assert torch.equal(tg.cpu(), tc)
+        assert_logprobs_close(lg.cpu(), lc, tol, oc)
+    assert int(tc[1]) == 0 and lc[1] == -math.inf and int(tc[2]) == 0 and lc[2] == 0
+
+
+def test_reweight_out_of_range_cuda_row_params_are_defensive():
+    """Values in per-row CUDA tensors are not checked by the binding (no host sync); the kernel maps
+    them as documented in csrc/cuda/reweight.cu.  Each invalid row must equal the CPU result of the
+    valid parameters it is mapped to."""
+    B, V, H = 6, 3000, 64
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, F32, F32, 6)
+    bad = {"beta": torch.tensor([-1.0, float("nan"), 0.3, 0.3, 0.3, 0.3]),
+           "temperature": torch.tensor([1.0, 1.0, -2.0, float("nan"), 1.0, 1.0]),
+           "top_k": torch.tensor([0, 0, 0, 0, -5, 0]),
+           "top_p": torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, float("nan")]),
+           "min_p": torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 2.0])}
+    # min_p >= 1 keeps exactly the values equal to max z, which is top_k = 1 (ties kept)
+    mapped = {"beta": torch.tensor([0.0, 0.0, 0.3, 0.3, 0.3, 0.3]),
+              "temperature": torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]),
+              "top_k": torch.tensor([0, 0, 0, 0, 0, 1]),
+              "top_p": torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-30, 1.0]),
+              "min_p": torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])}
+    tol = m_bound(logits, pred, W, b, mapped)
+    oc = run_reweight_logits("cpu", logits, pred, W, b, mapped)
+    og = run_reweight_logits("cuda", logits, pred, W, b, bad).cpu()
+    assert torch.equal(torch.isneginf(oc), torch.isneginf(og))
+    assert_m_close(og, oc, tol)
+    tg, lg = run_reweight("cuda", logits, pred, W, b, bad, seed_t, 0)
+    tc, lc = run_reweight("cpu", logits, pred, W, b, mapped, seed_t, 0)
+    assert torch.equal(tg.cpu(), tc)
+    assert_logprobs_close(lg.cpu(), lc, tol, oc)
+
+
+def test_reweight_is_deterministic():
+    B, V, H = 32, 32000, 256
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, BF16, BF16, 7)
+    t1, l1 = run_reweight("cuda", logits, pred, W, b, rp, seed_t, 5)
+    t2, l2 = run_reweight("cuda", logits, pred, W, b, rp, seed_t, 5)
+    assert torch.equal(t1, t2) and torch.equal(l1, l2)
+    o1 = run_reweight_logits("cuda", logits, pred, W, b, rp)
+    o2 = run_reweight_logits("cuda", logits, pred, W, b, rp)
+    assert torch.equal(o1, o2)
+
+
+def test_reweight_cuda_graph_replay_advances_step():
+    B, V, H = 16, 8000, 128
+    logits, pred, W, b, rp, seed_t = lm_problem(B, V, H, BF16, BF16, 8)
+    logits, pred, W = cuda(logits, pred, W)
+    rpc = {k: v.cuda() for k, v in rp.items()}
+    seed_c = seed_t.cuda()
+    args = lambda step_t: (logits, pred, W, None, rpc["beta"], rpc["temperature"], rpc["top_k"], rpc["top_p"],  # noqa
+                           rpc["min_p"], seed_c, step_t)
+    eager = [torch.ops.esamp.reweight(*args(torch.full((B,), k, dtype=torch.int64, device="cuda")))
+             for k in range(5)]
+    step_t = torch.zeros(B, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture (allocator pools, lazy init)
+            torch.ops.esamp.reweight(*args(step_t))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok, lp = torch.ops.esamp.reweight(*args(step_t))
+        step_t.add_(1)
+    assert int(step_t.sum()) == 0  # capture records, it does not run
+    distinct = set()
+    for k in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(tok, eager[k][0]), f"replay {k}"
+        assert torch.equal(lp, eager[k][1]), f"replay {k}"
+        distinct.add(tuple(tok.tolist()))
+    assert len(distinct) > 1  # the step tensor really advanced the noise
+    assert bool((step_t == 5).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# mix_hidden
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_mix_hidden_agrees_with_cpu(dtype):
+    g = torch.Generator().manual_seed(9)
+    for B, H in ((1, 577), (64, 4096)):
+        h = torch.randn(B, H, generator=g).to(dtype)
+        p = torch.randn(B, H, generator=g).to(dtype)
+        beta = torch.rand(B, generator=g)
+        oc = ops.mix_hidden(h, p, beta)
+        og = ops.mix_hidden(h.cuda(), p.cuda(), beta.cuda()).cpu()
+        assert og.dtype == dtype and og.shape == (B, H)
+        # one rounding of the result in the output dtype (the fp32 math may be contracted into an FMA)
+        tol = {F32: 1e-6, BF16: 8e-3, F16: 1e-3}[dtype]
+        torch.testing.assert_close(og.float(), oc.float(), rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distiller
+# --------------------------------------------------------------------------------------------------
+def make_distillers(H, R, L, S, seed=0):
+    """A CPU distiller with non-trivial parameters (B != 0) and a CUDA copy of it."""
+    dc = esamp.Distiller(H, R, L, S, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        dc.params.add_(torch.randn(dc.params.shape, generator=g) * 0.02)
+    dg = esamp.Distiller(H, R, L, S, seed=seed, device="cuda")
+    with torch.no_grad():
+        dg.params.copy_(dc.params)
+    return dc, dg
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(F32, None), (BF16, None), (F16, F32)])
+def test_distiller_forward_agrees_with_cpu(dtype, out_dtype):
+    H, R, L, S, N = 256, 16, 2, 4, 40
+    dc, dg = make_distillers(H, R, L, S, 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, H, generator=g).to(dtype)
+    sid = torch.randint(0, S, (N,), generator=g)
+    yc = dc.forward(x, sid, out_dtype=out_dtype)
+    yg = dg.forward(x.cuda(), sid.cuda(), out_dtype=out_dtype).cpu()
+    assert yg.dtype == yc.dtype and yg.shape == (N, H)
+    if yc.dtype == F32:
+        torch.testing.assert_close(yg, yc, rtol=1e-4, atol=1e-5)
+    else:  # both round the same fp32 value (within 1e-6 relative) to bf16/fp16: at most one ulp apart
+        tol = {BF16: 8e-3, F16: 1e-3}[yc.dtype]
+        torch.testing.assert_close(yg.float(), yc.float(), rtol=tol, atol=tol)
+
+
+def test_distiller_train_step_parity_20_steps():
+    H, R, L, S, N = 256, 16, 2, 4, 32
+    dc, dg = make_distillers(H, R, L, S, 3)
+    g = torch.Generator().manual_seed(4)
+    for it in range(20):
+        x = torch.randn(N, H, generator=g)
+        t = x * 0.5 + torch.randn(N, H, generator=g) * 0.3
+        sid = torch.randint(0, S - 1, (N,), generator=g)  # slot S-1 stays idle
+        if it % 7 == 3:
+            x[5, 3] = float("nan")
+            t[9, 0] = float("inf")
+        lc = dc.train_step(x, t, sid)
+        lg = dg.train_step(x.cuda(), t.cuda(), sid.cuda()).cpu()
+        assert torch.equal(torch.isnan(lg), torch.isnan(lc)), (it, lg, lc)
+        assert bool(torch.isnan(lg[S - 1]))
+        act = ~torch.isnan(lc)
+        torch.testing.assert_close(lg[act], lc[act], rtol=1e-4, atol=0.0)
+        assert torch.equal(dg.step.cpu(), dc.step)
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        e = rel_err(getattr(dg, name), getattr(dc, name))
+        assert e <= 1e-4, f"{name}: relative error {e:.2e}"
+    torch.testing.assert_close(dg.params.cpu(), dc.params, rtol=1e-4, atol=1e-6)
+    sc, sg = dc.stats(), dg.stats()
+    assert sg["rows_trained"] == sc["rows_trained"] and sg["rows_skipped"] == sc["rows_skipped"]
+    assert sg["steps"] == sc["steps"] == 20
+    assert sc["rows_skipped"] > 0 and sc["rows_trained"] > 0
+    assert math.isclose(sg["loss_sum"], sc["loss_sum"], rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_distiller_train_step_half_inputs_agree_with_cpu(dtype):
+    H, R, L, S, N = 128, 8, 1, 3, 24
+    dc, dg = make_distillers(H, R, L, S, 5)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        x = torch.randn(N, H, generator=g).to(dtype)
+        t = torch.randn(N, H, generator=g).to(dtype)
+        sid = torch.randint(0, S, (N,), generator=g)
+        lc = dc.train_step(x, t, sid)
+        lg = dg.train_step(x.cuda(), t.cuda(), sid.cuda()).cpu()
+        torch.testing.assert_close(lg, lc, rtol=1e-4, atol=0.0, equal_nan=True)
+    assert rel_err(dg.params, dc.params) <= 1e-4
+
+
+def test_distiller_train_step_empty_batch():
+    dc, dg = make_distillers(64, 4, 1, 3, 7)
+    before = dg.params.clone()
+    losses = dg.train_step(torch.empty(0, 64, device="cuda"), torch.empty(0, 64, device="cuda"),
+                           torch.empty(0, dtype=torch.int64, device="cuda"))
+    assert bool(torch.isnan(losses).all())
+    assert torch.equal(dg.params, before) and int(dg.step.sum()) == 0
+    assert dg.stats() == {"rows_trained": 0, "rows_skipped": 0, "loss_sum": 0.0, "steps": 0}
+
+
+def test_distiller_reset_agrees_with_cpu():
+    H, R, L, S = 96, 8, 2, 4
+    gamma = torch.rand(H) + 0.5
+    dc = esamp.Distiller(H, R, L, S, seed=11, gamma_init=gamma)
+    dg = esamp.Distiller(H, R, L, S, seed=11, gamma_init=gamma.cuda(), device="cuda")
+    torch.testing.assert_close(dg.params.cpu(), dc.params, rtol=1e-5, atol=1e-8)  # device vs host libm
+    # train a little, then reset slots 1 and 3 on both
+    g = torch.Generator().manual_seed(12)
+    x, t = torch.randn(16, H, generator=g), torch.randn(16, H, generator=g)
+    sid = torch.arange(16) % S
+    dc.train_step(x, t, sid)
+    dg.train_step(x.cuda(), t.cuda(), sid.cuda())
+    trained = dg.params.clone()
+    dc.reset([1, 3])
+    dg.reset([1, 3])
+    torch.testing.assert_close(dg.params.cpu(), dc.params, rtol=1e-4, atol=1e-7)
+    for s in (1, 3):
+        assert bool((dg.exp_avg[s] == 0).all()) and bool((dg.exp_avg_sq[s] == 0).all()) and int(dg.step[s]) == 0
+        assert torch.equal(dg.params[s].cpu(), dc.params[s]) or rel_err(dg.params[s], dc.params[s]) < 1e-6
+    for s in (0, 2):
+        assert torch.equal(dg.params[s], trained[s]) and int(dg.step[s]) == 1
+
+
+def test_distiller_out_of_range_cuda_slot_ids_are_defensive():
+    """CUDA slot ids are not value-checked by the binding (no host sync): forward writes NaN rows for
+    ids outside [0, S), train_step counts those rows as skipped (documented in csrc/cuda/distiller.cu)."""
+    H, R, L, S = 64, 4, 1, 3
+    _, dg = make_distillers(H, R, L, S, 13)
+    x = torch.randn(4, H, device="cuda")
+    sid = torch.tensor([0, 7, -1, 2], device="cuda")
+    y = dg.forward(x, sid)
+    assert bool(torch.isnan(y[1]).all()) and bool(torch.isnan(y[2]).all())
+    assert bool(torch.isfinite(y[0]).all()) and bool(torch.isfinite(y[3]).all())
+    dg.train_step(x, x, sid)
+    st = dg.stats()
+    assert st["rows_trained"] == 2 and st["rows_skipped"] == 2
+
+
+def test_distiller_train_step_cuda_graph_replay():
+    H, R, L, S, N = 128, 8, 2, 3, 12
+    _, da = make_distillers(H, R, L, S, 14)
+    _, db = make_distillers(H, R, L, S, 14)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(N, H, generator=g).cuda()
+    t = torch.randn(N, H, generator=g).cuda()
+    sid = (torch.arange(N) % 2).cuda()
+    for _ in range(3):  # eager
+        la = da.train_step(x, t, sid)
+    losses = torch.empty(S, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    snap = [v.clone() for v in (db.params, db.exp_avg, db.exp_avg_sq, db.step, db.counters)]
+    with torch.cuda.stream(side):
+        db.train_step(x, t, sid, losses=losses)  # warm-up, undone below
+    torch.cuda.current_stream().wait_stream(side)
+    for v, s in zip((db.params, db.exp_avg, db.exp_avg_sq, db.step, db.counters), snap):
+        v.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        db.train_step(x, t, sid, losses=losses)
+    assert torch.equal(db.params, snap[0])  # capture does not run the kernels
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(db.params, da.params) and torch.equal(db.exp_avg, da.exp_avg)
+    assert torch.equal(db.step, da.step) and torch.equal(losses, la) and torch.equal(db.counters, da.counters)
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck on CUDA tensors
+# --------------------------------------------------------------------------------------------------
+def _reweight_args(seed=True, bias=True):
+    g = torch.Generator().manual_seed(16)
+    B, V, H = 4, 300, 40
+    a = [torch.randn(B, V, generator=g), torch.randn(B, H, generator=g), torch.randn(V, H, generator=g),
+         torch.randn(V, generator=g) if bias else None, torch.full((B,), 0.25), torch.tensor([1.0, 0.0, 0.7, 1.3]),
+         torch.tensor([0, 5, 0, 50]), torch.tensor([1.0, 1.0, 0.8, 0.9]), torch.tensor([0.0, 0.0, 0.05, 0.0])]
+    if seed:
+        a += [esamp.ops.derive_row_seeds(3, B), torch.arange(B)]
+    return tuple(None if t is None else t.cuda() for t in a)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_reweight_cuda(bias):
+    torch.library.opcheck(torch.ops.esamp.reweight.default, _reweight_args(True, bias))
+    torch.library.opcheck(torch.ops.esamp.reweight_logits.default, _reweight_args(False, bias))
+
+
+def test_opcheck_mix_hidden_cuda():
+    h = torch.randn(5, 33, device="cuda")
+    torch.library.opcheck(torch.ops.esamp.mix_hidden.default, (h, torch.randn_like(h), torch.rand(5, device="cuda")))
+
+
+def test_opcheck_distiller_cuda():
+    _, d = make_distillers(33, 4, 2, 3, 17)
+    x = torch.randn(5, 33, device="cuda")
+    t = torch.randn(5, 33, device="cuda")
+    sid = torch.tensor([0, 2, 2, 1, 0], device="cuda")
+    torch.library.opcheck(torch.ops.esamp.distiller_forward.default, (d.params, x, sid, 4, 2, 1e-6, None))
+    torch.library.opcheck(torch.ops.esamp.distiller_forward.default, (d.params, x.to(BF16), sid, 4, 2, 1e-6, F32))
+    losses = torch.empty(3, device="cuda")
+    torch.library.opcheck(torch.ops.esamp.distiller_train_step.default,
+                          (d.params, d.exp_avg, d.exp_avg_sq, d.step, losses, d.counters, x, t, sid, 4, 2, 1e-6,
+                           4e-4, 0.9, 0.999, 1e-4, 0.5))
+    torch.library.opcheck(torch.ops.esamp.distiller_reset.default,
+                          (d.params, d.exp_avg, d.exp_avg_sq, d.step, torch.tensor([0, 2], device="cuda"), 33, 4, 2,
+                           7, torch.ones(33, device="cuda")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input on CUDA: error type and the argument named in the message
+# --------------------------------------------------------------------------------------------------
+def test_bad_input_reweight_device_mix():
+    a = list(_reweight_args())
+    for i, name in ((1, "pred_hidden"), (2, "lm_head_weight"), (3, "lm_head_bias"), (4, "beta"), (5, "temperature"),
+                    (6, "top_k"), (9, "seed"), (10, "step")):
+        bad = list(a)
+        bad[i] = bad[i].cpu()
+        with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on cuda"):
+            torch.ops.esamp.reweight(*bad)
+    bad = list(a)
+    bad[2] = bad[2][:-1]  # V mismatch
+    with pytest.raises(RuntimeError, match="lm_head_weight: expected 2-D"):
+        torch.ops.esamp.reweight(*bad)
+    # the Python wrapper checks the device of per-row tensors itself (ValueError)
+    with pytest.raises(ValueError, match="temperature: expected a tensor on cuda"):
+        ops.reweight(a[0], a[1], a[2], temperature=torch.ones(4))
+
+
+def test_bad_input_distiller_device_mix():
+    _, d = make_distillers(32, 4, 1, 2, 18)
+    x = torch.randn(3, 32, device="cuda")
+    sid = torch.tensor([0, 1, 1], device="cuda")
+    with pytest.raises(RuntimeError, match="x: expected a tensor on cuda"):
+        torch.ops.esamp.distiller_forward(d.params, x.cpu(), sid, 4, 1, 1e-6, None)
+    with pytest.raises(RuntimeError, match="slot_ids: expected a tensor on cuda"):
+        torch.ops.esamp.distiller_forward(d.params, x, sid.cpu(), 4, 1, 1e-6, None)
+    losses = torch.empty(2, device="cuda")
+    with pytest.raises(RuntimeError, match="losses: expected .* on cuda"):
+        torch.ops.esamp.distiller_train_step(d.params, d.exp_avg, d.exp_avg_sq, d.step, losses.cpu(), d.counters, x,
+                                             x, sid, 4, 1, 1e-6, 4e-4, 0.9, 0.999, 1e-4, 0.5)
+    with pytest.raises(RuntimeError, match="target: expected a tensor on cuda"):
+        torch.ops.esamp.distiller_train_step(d.params, d.exp_avg, d.exp_avg_sq, d.step, losses, d.counters, x,
+                                             x.cpu(), sid, 4, 1, 1e-6, 4e-4, 0.9, 0.999, 1e-4, 0.5)
+    with pytest.raises(RuntimeError, match="exp_avg: expected a tensor on cuda"):
+        torch.ops.esamp.distiller_train_step(d.params, d.exp_avg.cpu(), d.exp_avg_sq, d.step, losses, d.counters,
+                                             x, x, sid, 4, 1, 1e-6, 4e-4, 0.9, 0.999, 1e-4, 0.5)
+    with pytest.raises(RuntimeError, match="slot_ids: expected a tensor on cuda"):
+        torch.ops.esamp.distiller_reset(d.params, d.exp_avg, d.exp_avg_sq, d.step, torch.tensor([0]), 32, 4, 1, 0,
+                                        None)
+    with pytest.raises(RuntimeError, match="gamma_init: expected .* on cuda"):
+        torch.ops.esamp.distiller_reset(d.params, d.exp_avg, d.exp_avg_sq, d.step, torch.tensor([0], device="cuda"),
+                                        32, 4, 1, 0, torch.ones(32))
+
+
+def test_bad_input_mix_hidden_device_mix():
+    h = torch.randn(3, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="pred_hidden: expected a tensor on cuda"):
+        torch.ops.esamp.mix_hidden(h, h.cpu(), torch.ones(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="beta: expected a tensor on cuda"):
+        torch.ops.esamp.mix_hidden(h, h, torch.ones(3))
