@@ -12,12 +12,14 @@ A run whose distiller trained zero rows (or skipped any) is reported as FAILED, 
 
     python bench/bench_e2e.py                       # the default workload
     python bench/bench_e2e.py --repeats 5 --async-trainer --json out.json
+    python bench/bench_e2e.py --sweep 1x1,1x8,4x4,8x16 --max-new-tokens 64 --filters 'none;min_p=0.05;top_p=0.9'
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -59,10 +61,20 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.25)
     ap.add_argument("--warmup-steps", type=int, default=None)
     ap.add_argument("--async-trainer", action="store_true", help="also run ESamp with esamp.Trainer")
+    ap.add_argument("--sweep", default=None,
+                    help="comma-separated PROMPTSxN workloads run one after another in this process, e.g. "
+                         "'1x1,1x8,4x4,8x16' (overrides --prompts / -n); a summary table ends the output")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
-    prompts = (PROMPTS * ((args.prompts + len(PROMPTS) - 1) // len(PROMPTS)))[: args.prompts]
+    if args.sweep:
+        try:
+            workloads = [tuple(int(v) for v in w.lower().split("x")) for w in args.sweep.split(",") if w.strip()]
+            assert workloads and all(len(w) == 2 and w[0] >= 1 and w[1] >= 1 for w in workloads)
+        except (ValueError, AssertionError):
+            ap.error(f"--sweep: expected PROMPTSxN pairs such as '1x1,4x16', got {args.sweep!r}")
+    else:
+        workloads = [(args.prompts, args.n)]
     kw = {"beta": args.beta}
     if args.warmup_steps is not None:
         kw["warmup_steps"] = args.warmup_steps
@@ -74,12 +86,44 @@ def main(argv=None) -> int:
     model, tok = models.load(args.model)
     print(f"model {type(model).__name__} loaded in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
-    B, T = len(prompts) * args.n, args.max_new_tokens
-    print(f"workload: {len(prompts)} prompts x n = {args.n} = {B} rows, {T} new tokens (EOS ignored), "
-          f"{args.repeats} runs per method; ESamp {methods['esamp'].to_dict()}")
     for cfg in methods.values():   # warm-up: first-call costs out of the timings
-        hf.generate(model, tok, prompts[:1], n=2, max_new_tokens=3, esamp=cfg, progress=False)
+        hf.generate(model, tok, PROMPTS[:1], n=2, max_new_tokens=3, esamp=cfg, progress=False)
+    print(f"ESamp {methods['esamp'].to_dict()}")
 
+    all_results, failed = [], False
+    for n_prompts, n in workloads:
+        res, bad = run_workload(model, tok, methods, n_prompts, n, args)
+        all_results.append({"prompts": n_prompts, "n": n, "B": n_prompts * n, "results": res})
+        failed |= bad
+    if len(all_results) > 1:
+        print("\nsummary: ESamp / vanilla tokens/s (median of runs)")
+        fspecs = [r["filter"] for r in all_results[0]["results"]]
+        print(f"  {'prompts x n':<12} {'rows':>5} " + " ".join(f"{f:>14}" for f in fspecs))
+        for w in all_results:
+            cells = [f"{r['methods']['esamp']['ratio_tokens_per_s']:>14.3f}" for r in w["results"]]
+            print(f"  {str(w['prompts']) + ' x ' + str(w['n']):<12} {w['B']:>5} " + " ".join(cells))
+    print(f"\nratio = ESamp / vanilla throughput (tokens/s of whole runs; inverse ratio of median decode-step "
+          f"time); target >= 0.90.  load average at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            out = {"args": vars(args), "machine": platform.processor() or platform.machine(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}
+            if len(all_results) == 1:
+                out.update({"B": all_results[0]["B"], "results": all_results[0]["results"]})
+            else:
+                out["workloads"] = all_results
+            json.dump(out, f, indent=1)
+    if failed:
+        print("FAILED: an ESamp run trained no rows (or skipped rows)")
+        return 1
+    return 0
+
+
+def run_workload(model, tok, methods, n_prompts: int, n: int, args):
+    prompts = (PROMPTS * ((n_prompts + len(PROMPTS) - 1) // len(PROMPTS)))[:n_prompts]
+    B, T = len(prompts) * n, args.max_new_tokens
+    print(f"\nworkload: {len(prompts)} prompts x n = {n} = {B} rows, {T} new tokens (EOS ignored), "
+          f"{args.repeats} runs per method")
     results, failed = [], False
     for fspec in args.filters.split(";"):
         filt = parse_filter(fspec)
@@ -87,7 +131,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             order = list(methods) if r % 2 == 0 else list(reversed(methods))
             for m in order:
-                out = hf.generate(model, tok, prompts, n=args.n, max_new_tokens=T, seed=r, esamp=methods[m],
+                out = hf.generate(model, tok, prompts, n=n, max_new_tokens=T, seed=r, esamp=methods[m],
                                   ignore_eos=True, progress=False, **filt)
                 runs[m].append(out.stats)
         row = {"filter": fspec, "methods": {}}
@@ -119,15 +163,7 @@ def main(argv=None) -> int:
                   f"{r_step:>6.3f} {e['prefill_s_median']:>9.2f} {e.get('warmup_s_median', 0.0):>9.2f}  "
                   f"{tr}{'' if m == 'vanilla' else '  ' + e['status']}")
         results.append(row)
-    print(f"\nratio = ESamp / vanilla throughput (tokens/s of whole runs; inverse ratio of median decode-step "
-          f"time); target >= 0.90.  load average at the end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "B": B, "results": results}, f, indent=1)
-    if failed:
-        print("FAILED: an ESamp run trained no rows (or skipped rows)")
-        return 1
-    return 0
+    return results, failed
 
 
 if __name__ == "__main__":

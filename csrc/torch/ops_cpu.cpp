@@ -69,25 +69,10 @@ void distiller_train_step_cpu(at::Tensor& params, at::Tensor& exp_avg, at::Tenso
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
   esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
   check_bank_state(params, exp_avg, exp_avg_sq, step);
-  check_adam(lr, beta1, beta2, adam_eps, clip);
-  const int64_t S = params.size(0);
-  TORCH_CHECK(losses.dim() == 1 && losses.size(0) == S && losses.scalar_type() == at::kFloat &&
-                  losses.is_contiguous() && losses.device() == params.device(),
-              "losses: expected a contiguous float32 tensor [S] with S = ", S, " on ", params.device(), ", got ",
-              losses.scalar_type(), " ", shape_str(losses), " on ", losses.device());
-  TORCH_CHECK(stats.dim() == 1 && stats.size(0) == esamp::kNumStats && stats.scalar_type() == at::kDouble &&
-                  stats.is_contiguous() && stats.device() == params.device(),
-              "stats: expected a contiguous float64 tensor [4] on ", params.device(), ", got ", stats.scalar_type(),
-              " ", shape_str(stats), " on ", stats.device());
+  const esamp::AdamConfig cfg = make_adam_config(lr, beta1, beta2, adam_eps, clip);
+  check_train_outputs(params, losses, stats);
   esamp::RowsIn rows = make_rows(params, x, &target, slot_ids);
-  esamp::AdamConfig cfg;
-  cfg.lr = static_cast<float>(lr);
-  cfg.beta1 = static_cast<float>(beta1);
-  cfg.beta2 = static_cast<float>(beta2);
-  cfg.eps = static_cast<float>(adam_eps);
-  cfg.clip = static_cast<float>(clip);
-  esamp::DistillerBank bank{S, params.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                            step.data_ptr<int64_t>()};
+  esamp::DistillerBank bank = make_bank(params, exp_avg, exp_avg_sq, step);
   check_status(esamp::distiller_train_step_cpu(sh, cfg, bank, rows, losses.data_ptr<float>(),
                                                stats.data_ptr<double>(), aten_gemm()),
                "distiller_train_step");
@@ -99,17 +84,8 @@ void distiller_reset_cpu(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& ex
   esamp::DistillerShape sh = check_bank(params, hidden_size, rank, layers, 1e-6);
   check_bank_state(params, exp_avg, exp_avg_sq, step);
   check_slot_list(slot_ids, params.size(0), params);
-  const float* g = nullptr;
-  if (gamma_init.has_value()) {
-    const at::Tensor& gi = *gamma_init;
-    TORCH_CHECK(gi.dim() == 1 && gi.size(0) == hidden_size && gi.scalar_type() == at::kFloat && gi.is_contiguous() &&
-                    gi.device() == params.device(),
-                "gamma_init: expected a contiguous float32 tensor [H] with H = ", hidden_size, " on ",
-                params.device(), ", got ", gi.scalar_type(), " ", shape_str(gi), " on ", gi.device());
-    g = gi.data_ptr<float>();
-  }
-  esamp::DistillerBank bank{params.size(0), params.data_ptr<float>(), exp_avg.data_ptr<float>(),
-                            exp_avg_sq.data_ptr<float>(), step.data_ptr<int64_t>()};
+  const float* g = gamma_init_ptr(gamma_init, hidden_size, params);
+  esamp::DistillerBank bank = make_bank(params, exp_avg, exp_avg_sq, step);
   check_status(esamp::distiller_reset_cpu(sh, bank, slot_ids.data_ptr<int64_t>(), slot_ids.numel(),
                                           static_cast<uint64_t>(seed), g),
                "distiller_reset");

@@ -250,6 +250,45 @@ void check_adam(double lr, double beta1, double beta2, double adam_eps, double c
   TORCH_CHECK(!std::isnan(clip), "clip: expected a number (<= 0 disables clipping), got ", clip);
 }
 
+esamp::AdamConfig make_adam_config(double lr, double beta1, double beta2, double adam_eps, double clip) {
+  check_adam(lr, beta1, beta2, adam_eps, clip);
+  esamp::AdamConfig cfg;
+  cfg.lr = static_cast<float>(lr);
+  cfg.beta1 = static_cast<float>(beta1);
+  cfg.beta2 = static_cast<float>(beta2);
+  cfg.eps = static_cast<float>(adam_eps);
+  cfg.clip = static_cast<float>(clip);
+  return cfg;
+}
+
+void check_train_outputs(const at::Tensor& params, const at::Tensor& losses, const at::Tensor& stats) {
+  const int64_t S = params.size(0);
+  TORCH_CHECK(losses.dim() == 1 && losses.size(0) == S && losses.scalar_type() == at::kFloat &&
+                  losses.is_contiguous() && losses.device() == params.device(),
+              "losses: expected a contiguous float32 tensor [S] with S = ", S, " on ", params.device(), ", got ",
+              losses.scalar_type(), " ", shape_str(losses), " on ", losses.device());
+  TORCH_CHECK(stats.dim() == 1 && stats.size(0) == esamp::kNumStats && stats.scalar_type() == at::kDouble &&
+                  stats.is_contiguous() && stats.device() == params.device(),
+              "stats: expected a contiguous float64 tensor [", esamp::kNumStats, "] on ", params.device(), ", got ",
+              stats.scalar_type(), " ", shape_str(stats), " on ", stats.device());
+}
+
+esamp::DistillerBank make_bank(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step) {
+  return esamp::DistillerBank{params.size(0), params.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                              exp_avg_sq.data_ptr<float>(), step.data_ptr<int64_t>()};
+}
+
+const float* gamma_init_ptr(const std::optional<at::Tensor>& gamma_init, int64_t hidden_size,
+                            const at::Tensor& params) {
+  if (!gamma_init.has_value()) return nullptr;
+  const at::Tensor& gi = *gamma_init;
+  TORCH_CHECK(gi.dim() == 1 && gi.size(0) == hidden_size && gi.scalar_type() == at::kFloat && gi.is_contiguous() &&
+                  gi.device() == params.device(),
+              "gamma_init: expected a contiguous float32 tensor [H] with H = ", hidden_size, " on ", params.device(),
+              ", got ", gi.scalar_type(), " ", shape_str(gi), " on ", gi.device());
+  return gi.data_ptr<float>();
+}
+
 void check_status(esamp::Status s, const char* op) {
   TORCH_CHECK(s == esamp::Status::kOk, "esamp::", op, ": kernel failed: ", esamp::status_string(s));
 }

@@ -33,6 +33,14 @@ esamp::RowsIn make_rows(const at::Tensor& params, const at::Tensor& x, const at:
                         const at::Tensor& slot_ids);
 void check_slot_list(const at::Tensor& slot_ids, int64_t S, const at::Tensor& params);
 void check_adam(double lr, double beta1, double beta2, double adam_eps, double clip);
+// check_adam + conversion to the kernel's AdamConfig.
+esamp::AdamConfig make_adam_config(double lr, double beta1, double beta2, double adam_eps, double clip);
+// The per-slot losses [S] float32 and stats [kNumStats] float64 outputs of distiller_train_step.
+void check_train_outputs(const at::Tensor& params, const at::Tensor& losses, const at::Tensor& stats);
+// The bank view of validated tensors (check_bank + check_bank_state first).
+esamp::DistillerBank make_bank(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step);
+// gamma_init of distiller_reset: nullptr when absent, else a checked float32 [H] on params' device.
+const float* gamma_init_ptr(const std::optional<at::Tensor>& gamma_init, int64_t hidden_size, const at::Tensor& params);
 
 void check_status(esamp::Status s, const char* op);
 
