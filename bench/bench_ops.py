@@ -5,7 +5,9 @@
 
 Operators and baselines (problem sizes of SmolLM2-135M: V = 49152, H = 576; B = 64 rows):
   reweight (min_p 0.05 / top_p 0.9 / no filter)   esamp.reference.sampling.reweight_eager (masks, sort, dense
-                                                  pred @ W.T, mix, Gumbel-max, log_softmax) and torch.compile of it
+                                                  pred @ W.T, mix, Gumbel-max, log_softmax) and torch.compile of it;
+                                                  on CUDA also FlashInfer's softmax + min-p / top-p sampling when
+                                                  flashinfer is installed (vanilla sampling: the cost floor)
   reweight_logits (same three cases)              the same eager composition stopping at the masked mixed logits,
                                                   and torch.compile of it
   mix_hidden                                      (1 + b) h - b p in eager PyTorch, and torch.compile of it
@@ -77,6 +79,27 @@ def time_all(fns, reps: int, warmup: int, device: torch.device):
         q = lambda f: v[min(len(v) - 1, int(round(f * (len(v) - 1))))]  # noqa: E731
         out[k] = (statistics.median(v), q(0.1), q(0.9))
     return out
+
+
+def flashinfer_sampler(dev, filt, logits, top_p, min_p, log):
+    """(label, callable) of FlashInfer's vanilla sampling for this filter -- softmax, then FlashInfer's min-p /
+    top-p sampling from the probabilities (no ESamp mixing: this is the cost ESamp is measured against, issue
+    target <= 1.1x) -- or None when not on CUDA or FlashInfer is not installed."""
+    if dev.type != "cuda":
+        return None
+    try:
+        import flashinfer.sampling as fs
+    except Exception as e:  # noqa: BLE001 -- absent or broken install: say so, run without it
+        if not getattr(flashinfer_sampler, "_said", False):
+            log(f"  (FlashInfer baseline skipped: cannot import flashinfer.sampling: {type(e).__name__}: {e})")
+            flashinfer_sampler._said = True
+        return None
+    softmax = getattr(fs, "softmax", None) or (lambda x: torch.softmax(x, dim=-1))
+    if "min_p" in filt:
+        return "flashinfer softmax+min_p (no ESamp)", lambda: fs.min_p_sampling_from_probs(softmax(logits), min_p)
+    if "top_p" in filt:
+        return "flashinfer softmax+top_p (no ESamp)", lambda: fs.top_p_sampling_from_probs(softmax(logits), top_p)
+    return "flashinfer softmax+sampling (no ESamp)", lambda: fs.sampling_from_probs(softmax(logits))
 
 
 def try_compile(fn, args_fn, label, log):
@@ -256,6 +279,9 @@ def main(argv=None):
                     if comp_rw is not None:
                         impls["torch.compile(eager)"] = lambda: comp_rw(logits, pred, W, None, beta, temp, topk0,
                                                                         top_p, min_p, **flags)
+                fi = flashinfer_sampler(dev, filt, logits, top_p, min_p, log)
+                if fi is not None:
+                    impls[fi[0]] = fi[1]
                 report("reweight", f"{name}, |C| mean {ncand / B:.0f}", impls, nbytes + B * 12, flops)
             if "reweight_logits" in ops:
                 rl = dict(use_min_p="min_p" in filt, use_top_p="top_p" in filt)
