@@ -232,6 +232,10 @@ PYEOF
 run_step "CUDA timing vs eager PyTorch" 120 "$OUT/bench.log" \
   env PYTHONPATH=python "$PY" "$TMP/cuda_vs_eager.py" "$TMP/cuda_vs_eager.json"
 
+run_step "every op on CUDA vs eager (+ FlashInfer when installed), SmolLM2 sizes" 90 "$OUT/bench_ops_cuda.log" \
+  env PYTHONPATH=python "$PY" bench/bench_ops.py --device cuda --no-compile --reps 20 --warmup 3 \
+  --out "$TMP/ops_cuda.json"
+
 # ------------------------------------------------------------------------------------------ 6. other tests
 run_step "vLLM smoke (skips unless vLLM + CUDA + a model are present)" 120 "$OUT/vllm_smoke.log" \
   env PYTHONPATH=python "$PY" bench/vllm_smoke.py
