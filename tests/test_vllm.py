@@ -1195,3 +1195,28 @@ def test_warmup_config_keys():
     plugin.register()
     with pytest.raises((VLLMValidationError, ValueError), match="esamp_warmup_steps: expected an int >= 0"):
         SamplingParams(extra_args={"esamp_warmup_steps": -2})
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_final_norm_capture_compiles_fullgraph(backend):
+    """The warm-start capture on the final norm (mode 'first', the norm returning (normed, residual)) is a graph
+    node too: after a compiled forward its buffer holds the model's output rows."""
+    model, buf, ids, pos = _captured_model()
+    fbuf = torch.zeros(16, 32)
+    install_layer_capture(model.model.norm, fbuf, mode="first")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        install_layer_capture(model.model.norm, fbuf, mode="mean")
+    with pytest.raises(ValueError, match="already captures in mode 'first'"):
+        install_layer_capture(model.model.norm, fbuf, mode="sum")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
+    with torch.no_grad():
+        out = compiled(ids, pos)
+        torch.testing.assert_close(fbuf[:12], out, rtol=0, atol=0)
+        assert (fbuf[12:] == 0).all()
+        torch.testing.assert_close(fbuf[:12], TinyLM(64, 32).forward(ids, pos), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(buf[:12], _layer0_reference(model, ids, pos), rtol=1e-5, atol=1e-5)
+    explain = torch._dynamo.explain(model)(ids, pos)
+    assert explain.graph_break_count == 0
+    ops = [str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("esamp.capture" in o for o in ops) == 2, ops
