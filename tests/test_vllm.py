@@ -125,20 +125,33 @@ class TinyDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+class TinyRMSNorm(nn.Module):
+    """Like vLLM's RMSNorm: norm(x) -> tensor; norm(x, residual) -> (x, residual) through the in-place add-norm."""
+
+    def __init__(self, H):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(H))
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return rms_norm(x, self.weight)
+        fused_add_rms_norm(x, residual, self.weight, 1e-6)
+        return x, residual
+
+
 class TinyDecoder(nn.Module):
     def __init__(self, V, H, L):
         super().__init__()
         self.embed_tokens = nn.Embedding(V, H)
         self.start_layer, self.end_layer = 0, L
         self.layers = nn.ModuleList(TinyDecoderLayer(H) for _ in range(L))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(1 + 0.1 * torch.randn(H))
+        self.norm = TinyRMSNorm(H)
 
     def forward(self, input_ids, positions):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers[self.start_layer:self.end_layer]:
             hidden, residual = layer(positions, hidden, residual)
-        fused_add_rms_norm(hidden, residual, self.norm.weight, 1e-6)
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
@@ -260,6 +273,35 @@ class Harness:
             ib.input_ids.copy_(torch.as_tensor(input_ids, dtype=torch.int32))
         return dataclasses.replace(ib, req_ids=list(req_ids), idx_mapping=idx, idx_mapping_np=idx_np,
                                    expanded_idx_mapping=idx)
+
+    def prefill_batch(self, req_ids, chunks, done_before=None, total=None):
+        """A prefill step: request i computes the tokens chunks[i] at positions done_before[i]... (0 by
+        default); its prefill length is total[i] (default: done_before + len(chunk), i.e. it completes here)."""
+        n = len(req_ids)
+        lens = np.array([len(c) for c in chunks], dtype=np.int32)
+        T = int(lens.sum())
+        ib = InputBatch.make_dummy(n, T, self.bufs)
+        done = np.zeros(n, np.int32) if done_before is None else np.asarray(done_before, np.int32)
+        tot = done + lens if total is None else np.asarray(total, np.int32)
+        qsl = np.zeros(n + 1, np.int32)
+        np.cumsum(lens, out=qsl[1:])
+        ib.positions.copy_(torch.from_numpy(np.concatenate([np.arange(d, d + l) for d, l in zip(done, lens)])))
+        ib.input_ids.copy_(torch.as_tensor(np.concatenate([np.asarray(c) for c in chunks]), dtype=torch.int32))
+        idx_np = np.array([self.idx[r] for r in req_ids], dtype=np.intp)
+        idx = torch.from_numpy(idx_np.astype(np.int64))
+        return dataclasses.replace(
+            ib, req_ids=list(req_ids), idx_mapping=idx, idx_mapping_np=idx_np, expanded_idx_mapping=idx,
+            num_scheduled_tokens=lens, query_start_loc=torch.from_numpy(qsl.copy()), query_start_loc_np=qsl,
+            logits_indices=torch.from_numpy(qsl[1:] - 1), num_computed_tokens_np=done.copy(), prefill_len_np=tot,
+            num_computed_prefill_tokens_np=done.copy(), is_prefilling_np=done < tot, has_prefill=True,
+            seq_lens_cpu_upper_bound=torch.from_numpy(done + lens))
+
+    def run(self, ib):
+        """Forward and the adapter's sampler on a prepared batch."""
+        hidden, logits = self.forward(ib)
+        with torch.inference_mode():
+            out = self.sampler(logits, ib)
+        return hidden, out
 
     def forward(self, ib):
         """The model forward (fills the capture buffer) and compute_logits, as the runner does."""
@@ -910,3 +952,271 @@ def test_capture_survives_cuda_graph_replay():
         torch.cuda.synchronize()
         torch.testing.assert_close(buf[:12].cpu(), _layer0_reference(model.cpu(), new_ids, pos), rtol=1e-4,
                                    atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Warm start (SPEC 2 warmup_steps)
+# ------------------------------------------------------------------------------------------------------------
+def _spy_trainer(rt):
+    """Records every observe() of the runtime's trainer (copies of x, t, slot ids) and every predict() output."""
+    calls, preds = [], []
+    orig_observe, orig_predict = rt.trainer.observe, rt.trainer.predict
+
+    def observe(x, t, slots):
+        calls.append((x.clone(), t.clone(), torch.as_tensor(slots).clone()))
+        return orig_observe(x, t, slots)
+
+    def predict(x, slots):
+        out = orig_predict(x, slots)
+        preds.append(out.clone())
+        return out
+
+    rt.trainer.observe, rt.trainer.predict = observe, predict
+    return calls, preds
+
+
+def _direct_forward(model, ib):
+    """An independent forward on the batch's tokens: (layer-0 hidden + residual, final hidden states)."""
+    seen = {}
+    hook = model.model.layers[0].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("x", (o[0] + o[1]).detach().clone()))
+    try:
+        with torch.inference_mode():
+            hidden = model(ib.input_ids.long().clone(), ib.positions.clone()).clone()
+    finally:
+        hook.remove()
+    return seen["x"], hidden
+
+
+def test_warm_start_trains_on_prompt_pairs_before_the_first_token():
+    h = Harness({"beta": 0.25, "log_interval_s": 0, "slots": 4, "warmup_steps": 3}, max_reqs=8)
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [1, 2, 3, 4, 10, 11, 12], "c": [7, 7, 7, 7], "d": [3, 1, 4, 1, 5, 9]}
+    extra = {"a": None, "b": None, "c": {"esamp": {"warmup_steps": 0}}, "d": {"esamp_warmup_steps": 2}}
+    for i, rid in enumerate(prompts):
+        h.add(rid, SamplingParams(temperature=1.0, seed=i, extra_args=extra[rid]), prompt=prompts[rid])
+    assert [int(h.rt.warmup[h.idx[r]]) for r in prompts] == [3, 3, 0, 2]
+    calls, preds = _spy_trainer(h.rt)
+    ids = list(prompts)
+    ib = h.prefill_batch(ids, [prompts[r] for r in ids])
+    h.run(ib)
+    x_ref, t_ref = _direct_forward(h.model, ib)
+    slot = {r: int(h.rt.slot[h.idx[r]]) for r in ids}
+    qsl = ib.query_start_loc_np
+    rows = {r: np.arange(qsl[i], qsl[i + 1]) for i, r in enumerate(ids)}
+    ab = np.concatenate([rows["a"], rows["b"]])
+    expect = [(ab, [slot["a"]] * 5 + [slot["b"]] * 7)] * 3 + [(rows["d"], [slot["d"]] * 6)] * 2
+    last = ib.logits_indices.numpy()
+    expect.append((last, [slot[r] for r in ids]))  # the ordinary update of the step's logit rows
+    assert len(calls) == len(expect)
+    for (x, t, s), (tok, sl) in zip(calls, expect):
+        torch.testing.assert_close(x, x_ref[tok], rtol=0, atol=0)
+        torch.testing.assert_close(t, t_ref[tok], rtol=0, atol=0)   # the model's final hidden states there
+        assert s.tolist() == sl
+    c = h.rt.counters
+    assert (c["warmup_groups"], c["warmup_rows"], c["warmup_updates"], c["warmup_row_updates"]) == (3, 18, 5, 48)
+    assert c["warmup_partial"] == c["warmup_truncated"] == c["warmup_unavailable"] == 0
+    # An independent trainer fed the same pairs by hand ends in the same state.
+    twin = esamp.Trainer(32, rank=64, layers=2, slots=4, device="cpu", seed=0, ring_rows=64,
+                         gamma_init=h.model.model.norm.weight.detach().float())
+    for tok, sl in expect:
+        twin.observe(x_ref[tok], t_ref[tok], torch.tensor(sl))
+    h.rt.trainer.synchronize()
+    twin.synchronize()
+    torch.testing.assert_close(h.rt.trainer.state_dict()["params"], twin.state_dict()["params"], rtol=0, atol=0)
+    st = h.rt.stats()
+    assert st["trainer_rows_trained"] == 48 + 4 and st["trainer_steps"] == 6 and st["warmup_available"]
+    # Decode steps take no further warm start.
+    for s in range(2):
+        h.step(ids, [10 + s] * 4, input_ids=[1, 2, 3, 4], reference=False)
+    assert h.rt.counters["warmup_updates"] == 5 and len(calls) == len(expect) + 2
+
+
+def _prefill_then_decode(h, reqs, steps=4):
+    """Adds reqs [(id, sp, prompt)], prefills them in one step and decodes; returns the tokens per step."""
+    for rid, sp, prompt in reqs:
+        h.add(rid, sp, prompt=prompt)
+    ids = [r for r, _, _ in reqs]
+    ib = h.prefill_batch(ids, [p for _, _, p in reqs])
+    _, out = h.run(ib)
+    toks = [tokens(out).tolist()]
+    for s in range(steps):
+        pos = [len(p) + s for _, _, p in reqs]
+        _, _, _, out, _ = h.step(ids, pos, input_ids=[t % h.V for t in toks[-1]], reference=False)
+        toks.append(tokens(out).tolist())
+    return toks
+
+
+def test_warmup_steps_zero_reproduces_the_adapter_without_warm_start():
+    def reqs(extra):
+        return [(f"r{i}", SamplingParams(temperature=1.0, seed=10 + i, extra_args=extra), p)
+                for i, p in enumerate(([1, 2, 3, 4, 5, 6], [9, 8, 7, 6], [4, 4, 2, 2, 1]))]
+
+    cfg = {"beta": 1.0, "log_interval_s": 0, "slots": 4}
+    off = Harness(dict(cfg, warmup_steps=0), max_reqs=8)
+    # Engine warmup_steps 0: no final-norm capture at all (the model is what the adapter made of it before).
+    assert off.rt.final_buffer is None and type(off.model.model.norm) is TinyRMSNorm
+    assert off.cfg.additional_config["esamp"]["_capture"] == "esamp::capture@layer0"
+    per_req_off = Harness(dict(cfg, warmup_steps=5), max_reqs=8)
+    assert type(per_req_off.model.model.norm).__name__ == "ESampCaptureOutTinyRMSNorm"
+    assert per_req_off.cfg.additional_config["esamp"]["_capture"] == "esamp::capture@layer0+final_norm"
+    on = Harness(dict(cfg, warmup_steps=5), max_reqs=8)
+    _, p_off = _spy_trainer(off.rt)
+    _, p_req = _spy_trainer(per_req_off.rt)
+    _, p_on = _spy_trainer(on.rt)
+    t_off = _prefill_then_decode(off, reqs(None))
+    t_req = _prefill_then_decode(per_req_off, reqs({"esamp": {"warmup_steps": 0}}))
+    t_on = _prefill_then_decode(on, reqs(None))
+    assert t_off == t_req
+    for a, b in zip(p_off, p_req):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for hh in (off, per_req_off, on):
+        hh.rt.trainer.synchronize()
+    torch.testing.assert_close(off.rt.trainer.state_dict()["params"], per_req_off.rt.trainer.state_dict()["params"],
+                               rtol=0, atol=0)
+    assert off.rt.counters["warmup_updates"] == per_req_off.rt.counters["warmup_updates"] == 0
+    # With warm start the very first prediction already differs (the slot was trained before it).
+    assert on.rt.counters["warmup_updates"] == 5 and on.rt.counters["warmup_groups"] == 3
+    assert not torch.equal(p_on[0], p_off[0])
+    assert len(t_on) == len(t_off)
+
+
+def test_warm_start_once_per_request_group():
+    h = Harness({"beta": 0.25, "log_interval_s": 0, "slots": 4, "warmup_steps": 2}, max_reqs=8)
+    prompt = [3, 5, 7, 9, 11]
+    kids = engine_request_ids("prompt-N", SamplingParams(n=3, temperature=0.9, seed=1, max_tokens=8))
+    for rid, sp in kids:
+        h.add(rid, sp, prompt=prompt)
+    ids = [rid for rid, _ in kids]
+    assert len({int(h.rt.slot[h.idx[r]]) for r in ids}) == 1
+    calls, _ = _spy_trainer(h.rt)
+    h.run(h.prefill_batch(ids, [prompt] * 3))
+    c = h.rt.counters
+    assert (c["warmup_groups"], c["warmup_rows"], c["warmup_updates"], c["warmup_shared"]) == (1, 5, 2, 2)
+    assert [x.shape[0] for x, _, _ in calls] == [5, 5, 3]   # two warm-up updates on one child's rows, then decode
+    # Children of another group prefilled in different steps: the first warms the slot, the second does not.
+    kids2 = engine_request_ids("prompt-M", SamplingParams(n=2, temperature=0.9, seed=4, max_tokens=8))
+    for rid, sp in kids2:
+        h.add(rid, sp, prompt=[1, 2, 3])
+    h.run(h.prefill_batch([kids2[0][0]], [[1, 2, 3]]))
+    assert (c["warmup_groups"], c["warmup_rows"], c["warmup_updates"]) == (2, 8, 4)
+    h.run(h.prefill_batch([kids2[1][0]], [[1, 2, 3]]))
+    assert (c["warmup_groups"], c["warmup_rows"], c["warmup_updates"], c["warmup_shared"]) == (2, 8, 4, 3)
+    # Siblings completing in the same step, the first with a prefix-cache hit (2 of 6 positions cached): the
+    # sibling that computed the whole prompt here warms the slot.
+    kids3 = engine_request_ids("prompt-K", SamplingParams(n=2, temperature=0.9, seed=9, max_tokens=8))
+    p6 = [6, 5, 4, 3, 2, 1]
+    for rid, sp in kids3:
+        h.add(rid, sp, prompt=p6)
+    n_before = len(calls)
+    ib = h.prefill_batch([kids3[0][0], kids3[1][0]], [p6[2:], p6], done_before=[2, 0])
+    h.run(ib)
+    x_ref, _ = _direct_forward(h.model, ib)
+    assert (c["warmup_groups"], c["warmup_rows"], c["warmup_shared"], c["warmup_partial"]) == (3, 14, 4, 0)
+    torch.testing.assert_close(calls[n_before][0], x_ref[4:10], rtol=0, atol=0)
+
+
+def test_reused_slot_gets_its_own_warm_start():
+    cfg = {"beta": 0.5, "log_interval_s": 0, "slots": 1, "warmup_steps": 4}
+    b = ("B", SamplingParams(temperature=1.0, seed=21), [2, 4, 6, 8])
+    reused = Harness(cfg, max_reqs=4)
+    _prefill_then_decode(reused, [("A", SamplingParams(temperature=1.0, seed=20), [1, 3, 5, 7, 9, 11])])
+    reused.remove("A")
+    t_reused = _prefill_then_decode(reused, [b])
+    assert reused.rt.counters["warmup_groups"] == 2 and reused.rt.slots.resets == 1
+    fresh = Harness(cfg, max_reqs=4)
+    t_fresh = _prefill_then_decode(fresh, [b])
+    assert t_reused == t_fresh
+    for hh in (reused, fresh):
+        hh.rt.trainer.synchronize()
+    for k in ("params", "exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(reused.rt.trainer.state_dict()[k], fresh.rt.trainer.state_dict()[k],
+                                   rtol=0, atol=0)
+
+
+def test_warm_start_last_chunk_and_row_cap():
+    h = Harness({"beta": 0.25, "log_interval_s": 0, "slots": 4, "warmup_steps": 1, "warmup_max_rows": 4},
+                max_reqs=8)
+    long_prompt = list(range(1, 11))
+    h.add("p", SamplingParams(temperature=1.0, seed=1), prompt=long_prompt)
+    h.add("q", SamplingParams(temperature=1.0, seed=2), prompt=[5, 4, 3, 2, 1, 6, 7])
+    calls, _ = _spy_trainer(h.rt)
+    # Chunk 1 of "p" (6 of 10 tokens): no warm start yet.
+    h.run(h.prefill_batch(["p"], [long_prompt[:6]], total=[10]))
+    assert h.rt.counters["warmup_updates"] == 0
+    # Last chunk of "p" (4 tokens, all used) and all 7 tokens of "q" (the last 4 used).
+    ib = h.prefill_batch(["p", "q"], [long_prompt[6:], [5, 4, 3, 2, 1, 6, 7]], done_before=[6, 0])
+    n_before = len(calls)
+    h.run(ib)
+    x_ref, t_ref = _direct_forward(h.model, ib)
+    c = h.rt.counters
+    assert (c["warmup_partial"], c["warmup_truncated"], c["warmup_groups"], c["warmup_rows"]) == (1, 1, 2, 8)
+    # One update per bin of at most warmup_max_rows = 4 rows: "p" then "q", then the ordinary update.
+    warm = calls[n_before:n_before + 2]
+    assert [s.tolist() for _, _, s in warm] == [[int(h.rt.slot[h.idx["p"]])] * 4, [int(h.rt.slot[h.idx["q"]])] * 4]
+    for (x, t, _), tok in zip(warm, (np.arange(0, 4), np.arange(7, 11))):
+        torch.testing.assert_close(x, x_ref[tok], rtol=0, atol=0)
+        torch.testing.assert_close(t, t_ref[tok], rtol=0, atol=0)
+
+
+def test_warm_start_turns_off_when_final_norm_is_not_the_lm_head_input():
+    h = Harness({"beta": 0.25, "log_interval_s": 0, "warmup_steps": 3}, max_reqs=4)
+    base_forward = h.model.forward
+    h.model.forward = lambda ids, pos: 2 * base_forward(ids, pos)   # something after the final norm
+    h.add("a", SamplingParams(temperature=1.0, seed=1), prompt=[1, 2, 3, 4])
+    h.run(h.prefill_batch(["a"], [[1, 2, 3, 4]]))
+    st = h.rt.stats()
+    assert not st["warmup_available"] and "final-norm output is not the LM-head input" in st["warmup_reason"]
+    assert st["warmup_unavailable"] == 1 and st["warmup_updates"] == 0
+    h.rt.trainer.synchronize()
+    assert h.rt.trainer.stats()["rows_trained"] == 1   # only the ordinary update of the logit row
+    # Layouts without a usable final norm are refused up front.
+    assert "no final 'norm' module" in _runtime.final_norm_unsupported_reason(nn.Module())
+    bare = nn.Module()
+    bare.norm = nn.Module()
+    assert "no forward of its own" in _runtime.final_norm_unsupported_reason(bare)
+    assert _runtime.final_norm_unsupported_reason(h.model.model) is None
+
+
+def test_warmup_config_keys():
+    c = _config.resolve_engine_config(None, {"ESAMP_VLLM": "1"})
+    assert c.warmup_steps == esamp.ESampConfig().warmup_steps == 30 and c.warmup_max_rows == 1024
+    assert _config.resolve_engine_config({"esamp": {"warmup_steps": 0}}, {}).warmup_steps == 0
+    with pytest.raises(_config.ConfigError, match=r"esamp.warmup_steps: expected an int >= 0, got -1"):
+        _config.resolve_engine_config({"esamp": {"warmup_steps": -1}}, {})
+    with pytest.raises(_config.ConfigError, match=r"esamp.warmup_max_rows: expected an int >= 1, got 0"):
+        _config.resolve_engine_config({"esamp": {"warmup_max_rows": 0}}, {})
+    eng = _config.EngineConfig()
+    rc = _config.request_config
+    assert rc({"esamp": {"warmup_steps": 5}}, eng) == _config.RequestConfig(True, 0.25, 5)
+    assert rc({"esamp_warmup_steps": 0}, eng).warmup_steps == 0 and rc(None, eng).warmup_steps is None
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(_config.ConfigError, match="warmup_steps: expected an int >= 0"):
+            rc({"esamp": {"warmup_steps": bad}}, eng)
+    plugin.register()
+    with pytest.raises((VLLMValidationError, ValueError), match="esamp_warmup_steps: expected an int >= 0"):
+        SamplingParams(extra_args={"esamp_warmup_steps": -2})
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_final_norm_capture_compiles_fullgraph(backend):
+    """The warm-start capture on the final norm (mode 'first', the norm returning (normed, residual)) is a graph
+    node too: after a compiled forward its buffer holds the model's output rows."""
+    model, buf, ids, pos = _captured_model()
+    fbuf = torch.zeros(16, 32)
+    install_layer_capture(model.model.norm, fbuf, mode="first")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        install_layer_capture(model.model.norm, fbuf, mode="mean")
+    with pytest.raises(ValueError, match="already captures in mode 'first'"):
+        install_layer_capture(model.model.norm, fbuf, mode="sum")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
+    with torch.no_grad():
+        out = compiled(ids, pos)
+        torch.testing.assert_close(fbuf[:12], out, rtol=0, atol=0)
+        assert (fbuf[12:] == 0).all()
+        torch.testing.assert_close(fbuf[:12], TinyLM(64, 32).forward(ids, pos), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(buf[:12], _layer0_reference(model, ids, pos), rtol=1e-5, atol=1e-5)
+    explain = torch._dynamo.explain(model)(ids, pos)
+    assert explain.graph_break_count == 0
+    ops = [str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("esamp.capture" in o for o in ops) == 2, ops

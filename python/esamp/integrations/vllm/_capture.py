@@ -7,8 +7,12 @@
   graph re-executes it, which a Python hook would not.  It runs before the next layer's fused add-norm
   overwrites ``residual`` in place.  The buffer is registered as a non-persistent module buffer, so dynamo
   lifts it as a graph input with a fixed address and it never enters a state dict.
-* LM-head input: ``model.compute_logits`` is wrapped on the instance to remember its last input together
-  with a weak reference to the logits it returned; the sampler takes the record only for those very logits.
+* LM-head input of every scheduled token (warm start): the decoder's final norm gets the same class swap in
+  "first" mode: ``torch.ops.esamp.capture(out, None, buffer)`` on its output (the first element when it returns
+  ``(normed, residual)``, as vLLM's fused add-norm does).  That output is the model's hidden states, of which
+  the runner hands ``hidden_states[logits_indices]`` to ``compute_logits``.
+* LM-head input of the logit rows: ``model.compute_logits`` is wrapped on the instance to remember its last input
+  together with a weak reference to the logits it returned; the sampler takes the record only for those very logits.
 """
 from __future__ import annotations
 
@@ -21,37 +25,52 @@ import torch.nn as nn
 from ... import _ops  # noqa: F401  (registers torch.ops.esamp.*)
 
 BUFFER_NAME = "esamp_capture_buffer"
-_CAPTURE_CLASSES: Dict[type, type] = {}
+CAPTURE_MODES = ("sum", "first")
+_CAPTURE_CLASSES: Dict[tuple, type] = {}
 
 
-def _capture_class(base: type) -> type:
+def _capture_class(base: type, mode: str = "sum") -> type:
     if getattr(base, "_esamp_capture_class", False):
+        if base._esamp_capture_mode != mode:
+            raise ValueError(f"mode: this module already captures in mode {base._esamp_capture_mode!r}, "
+                             f"got {mode!r}")
         return base
-    sub = _CAPTURE_CLASSES.get(base)
+    sub = _CAPTURE_CLASSES.get((base, mode))
     if sub is not None:
         return sub
     base_forward = base.forward
 
-    def forward(self, *args, **kwargs):
-        out = base_forward(self, *args, **kwargs)
-        if isinstance(out, tuple):
-            torch.ops.esamp.capture(out[0], out[1], getattr(self, BUFFER_NAME))
-        else:
-            torch.ops.esamp.capture(out, None, getattr(self, BUFFER_NAME))
-        return out
+    if mode == "sum":
+        def forward(self, *args, **kwargs):
+            out = base_forward(self, *args, **kwargs)
+            if isinstance(out, tuple):
+                torch.ops.esamp.capture(out[0], out[1], getattr(self, BUFFER_NAME))
+            else:
+                torch.ops.esamp.capture(out, None, getattr(self, BUFFER_NAME))
+            return out
+        name = "ESampCapture"
+    else:
+        def forward(self, *args, **kwargs):
+            out = base_forward(self, *args, **kwargs)
+            torch.ops.esamp.capture(out[0] if isinstance(out, tuple) else out, None, getattr(self, BUFFER_NAME))
+            return out
+        name = "ESampCaptureOut"
 
-    sub = type(f"ESampCapture{base.__name__}", (base,),
-               {"forward": forward, "_esamp_capture_class": True, "__module__": base.__module__,
-                "__qualname__": f"ESampCapture{base.__qualname__}"})
-    _CAPTURE_CLASSES[base] = sub
+    sub = type(f"{name}{base.__name__}", (base,),
+               {"forward": forward, "_esamp_capture_class": True, "_esamp_capture_mode": mode,
+                "__module__": base.__module__, "__qualname__": f"{name}{base.__qualname__}"})
+    _CAPTURE_CLASSES[(base, mode)] = sub
     return sub
 
 
-def install_layer_capture(layer: nn.Module, buffer: torch.Tensor) -> None:
-    """Make ``layer`` write hidden + residual of its output into ``buffer`` on every forward."""
+def install_layer_capture(layer: nn.Module, buffer: torch.Tensor, mode: str = "sum") -> None:
+    """Make ``layer`` write its output into ``buffer`` on every forward: hidden + residual ("sum", for a decoder
+    layer returning (hidden, residual)) or the first element / the tensor itself ("first", for a final norm)."""
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"mode: expected one of {CAPTURE_MODES}, got {mode!r}")
     if buffer.dim() != 2:
         raise ValueError(f"buffer: expected a 2-D tensor [max_num_tokens, H], got shape {tuple(buffer.shape)}")
-    layer.__class__ = _capture_class(type(layer))
+    layer.__class__ = _capture_class(type(layer), mode)
     if BUFFER_NAME in layer._buffers:
         layer._buffers[BUFFER_NAME] = buffer
     else:

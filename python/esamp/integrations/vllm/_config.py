@@ -38,7 +38,11 @@ class EngineConfig:
     clip: float = 0.5
     seed: int = 0
     capture_layer: int = 0          # index of the decoder layer whose output residual stream is the source x
-    ring_rows: int = 0              # trainer ring buffer rows; 0: max_num_seqs (at least 64)
+    ring_rows: int = 0              # trainer ring buffer rows; 0: max_num_seqs (at least 64), and at least the
+                                    # warm-start row cap when warm start is on
+    warmup_steps: int = 30          # warm start (SPEC 2): optimizer steps on the prompt's (x, t) pairs before a
+                                    # request group's first sampled token; 0 disables (and installs no capture)
+    warmup_max_rows: int = 1024     # prompt positions per warm start, the last ones (bounds the trainer ring)
     log_interval_s: float = 10.0    # periodic counter log; 0 disables
 
     def resolved_slots(self, max_num_seqs: int) -> int:
@@ -96,6 +100,8 @@ def _check_engine(cfg: EngineConfig) -> EngineConfig:
     cfg.seed = _as_int("seed", cfg.seed, lo=0)
     cfg.capture_layer = _as_int("capture_layer", cfg.capture_layer, lo=0)
     cfg.ring_rows = _as_int("ring_rows", cfg.ring_rows, lo=0)
+    cfg.warmup_steps = _as_int("warmup_steps", cfg.warmup_steps, lo=0)
+    cfg.warmup_max_rows = _as_int("warmup_max_rows", cfg.warmup_max_rows, lo=1)
     cfg.log_interval_s = _as_float("log_interval_s", cfg.log_interval_s, lo=0.0)
     return cfg
 
@@ -150,6 +156,7 @@ def resolve_engine_config(additional_config: Any = None, environ: Optional[Mappi
 class RequestConfig:
     enabled: bool
     beta: float
+    warmup_steps: Optional[int] = None   # None: the engine's warmup_steps
 
 
 def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
@@ -161,7 +168,7 @@ def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig
     is false.  Raises ConfigError on bad values (the plugin validates this at SamplingParams construction,
     so the engine never sees them).
     """
-    enabled, beta = engine.default_on, engine.beta
+    enabled, beta, warmup = engine.default_on, engine.beta, None
     if not extra_args:
         return RequestConfig(enabled, beta)
     if not isinstance(extra_args, Mapping):
@@ -173,26 +180,33 @@ def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig
                 enabled = _as_bool("esamp", v)
             except ConfigError:
                 raise ConfigError(f"extra_args['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
-                                  f"'enabled'/'beta', got {v!r}") from None
+                                  f"'enabled'/'beta'/'warmup_steps', got {v!r}") from None
         elif isinstance(v, Mapping):
-            unknown = set(v) - {"enabled", "beta"}
+            unknown = set(v) - {"enabled", "beta", "warmup_steps"}
             if unknown:
-                raise ConfigError(f"extra_args['esamp']: unknown key(s) {sorted(unknown)} (known: 'beta', 'enabled')")
+                raise ConfigError(f"extra_args['esamp']: unknown key(s) {sorted(unknown)} "
+                                  f"(known: 'beta', 'enabled', 'warmup_steps')")
+            if "warmup_steps" in v:
+                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
             if "beta" in v:
                 beta = _as_float("beta", v["beta"], lo=0.0)
                 enabled = True
             if "enabled" in v:
                 enabled = _as_bool("enabled", v["enabled"])
         else:
-            raise ConfigError(f"extra_args['esamp']: expected a bool or a dict with 'enabled'/'beta', got {v!r}")
+            raise ConfigError(f"extra_args['esamp']: expected a bool or a dict with 'enabled'/'beta'/'warmup_steps', "
+                              f"got {v!r}")
     if "esamp_beta" in extra_args:
         beta = _as_float("esamp_beta", extra_args["esamp_beta"], lo=0.0)
         if v is None:
             enabled = True
-    return RequestConfig(bool(enabled), float(beta))
+    if "esamp_warmup_steps" in extra_args:
+        warmup = _as_int("esamp_warmup_steps", extra_args["esamp_warmup_steps"], lo=0)
+    return RequestConfig(bool(enabled), float(beta), warmup)
 
 
 def validate_extra_args(extra_args: Optional[Mapping[str, Any]]) -> None:
     """Raises ConfigError if the ESamp keys of extra_args are malformed (engine defaults do not matter)."""
-    if extra_args and isinstance(extra_args, Mapping) and ("esamp" in extra_args or "esamp_beta" in extra_args):
+    keys = ("esamp", "esamp_beta", "esamp_warmup_steps")
+    if extra_args and isinstance(extra_args, Mapping) and any(k in extra_args for k in keys):
         request_config(extra_args, EngineConfig())

@@ -16,6 +16,12 @@ Pieces, in the order vLLM calls them:
    logits of ESamp rows become the mixed logits m (``reweight_logits``), so the logprob vLLM reports for the
    sampled token is ESamp's (the distribution actually sampled from).  After sampling, the rows' (x, t)
    pairs are queued on the persistent trainer.
+4. Warm start (SPEC 2, ``warmup_steps``): in the step where a request's prefill completes (its first sampled
+   token), before anything is predicted for it, its slot takes ``warmup_steps`` optimizer steps on the (x, t)
+   pairs of the prompt positions computed in that step: x from the layer-0 capture, t from a second capture on
+   the decoder's final norm (the LM-head input of every scheduled token).  Once per request group (n > 1
+   children share it); with chunked prefill or a prefix-cache hit only the positions computed in that step
+   are in the buffers, and at most ``warmup_max_rows`` (the last ones) are used.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import esamp
 
 from ._capture import LMHeadInputRecorder, find_decoder, install_layer_capture
 from ._config import ADDITIONAL_CONFIG_KEY, ConfigError, EngineConfig, request_config, resolve_engine_config
-from ._slots import SlotManager
+from ._slots import SlotManager, group_key
 
 logger = logging.getLogger("vllm.esamp")  # a child of vLLM's logger: same handler and level
 
@@ -72,6 +78,16 @@ def unsupported_reason(vllm_config: Any, model: nn.Module, cfg: EngineConfig) ->
         return "no decoder layer list (a 'layers' ModuleList beside 'start_layer') was found in the model"
     if not 0 <= cfg.capture_layer < len(dec.layers):
         return f"capture_layer {cfg.capture_layer} is out of range for {len(dec.layers)} decoder layers"
+    return None
+
+
+def final_norm_unsupported_reason(decoder: nn.Module) -> Optional[str]:
+    """Why the LM-head input of every token cannot be captured at ``decoder.norm`` (None when it can)."""
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, nn.Module):
+        return "the decoder has no final 'norm' module"
+    if type(norm).__name__ == "PPMissingLayer" or type(norm).forward is nn.Module.forward:
+        return f"the decoder's final norm ({type(norm).__name__}) has no forward of its own"
     return None
 
 
@@ -124,6 +140,23 @@ class ESampRuntime:
         install_layer_capture(self.capture_layer, self.capture_buffer)
         self.recorder = LMHeadInputRecorder(model)
 
+        # Warm start: the LM-head input of every scheduled token, captured at the decoder's final norm.
+        self.final_buffer: Optional[torch.Tensor] = None
+        self.final_norm: Optional[nn.Module] = None
+        self.warmup_reason: Optional[str] = None     # why warm start is unavailable (None: available or off)
+        self._warmup_checked = False
+        if cfg.warmup_steps > 0:
+            self.warmup_reason = final_norm_unsupported_reason(decoder)
+            if self.warmup_reason is None:
+                self.final_norm = decoder.norm
+                self.final_buffer = torch.zeros(int(max_num_tokens), self.hidden_size, dtype=self.dtype,
+                                                device=self.device)
+                install_layer_capture(self.final_norm, self.final_buffer, mode="first")
+            else:
+                logger.warning("ESamp: warm start is unavailable (%s); requests run without it.",
+                               self.warmup_reason)
+        self.warmup_max_rows = min(cfg.warmup_max_rows, int(max_num_tokens))
+
         # Distiller bank + persistent trainer (driver rank only).
         self.num_slots = cfg.resolved_slots(max_num_reqs)
         self.rank = cfg.resolved_rank()
@@ -134,6 +167,10 @@ class ESampRuntime:
             gamma = gamma.detach().float() if isinstance(gamma, torch.Tensor) and gamma.dim() == 1 \
                 and gamma.shape[0] == self.hidden_size else None
             ring = cfg.ring_rows if cfg.ring_rows > 0 else max(64, self.max_num_reqs)
+            if self.final_buffer is not None:
+                if cfg.ring_rows <= 0:
+                    ring = max(ring, self.warmup_max_rows)
+                self.warmup_max_rows = min(self.warmup_max_rows, ring)
             self.trainer = esamp.Trainer(self.hidden_size, rank=self.rank, layers=cfg.layers, slots=self.num_slots,
                                          lr=cfg.lr, adam_eps=cfg.adam_eps, clip=cfg.clip, device=self.device,
                                          seed=cfg.seed, ring_rows=ring, gamma_init=gamma)
@@ -149,6 +186,9 @@ class ESampRuntime:
         self.top_p = np.ones(R, dtype=np.float32)
         self.min_p = np.zeros(R, dtype=np.float32)
         self.slot = np.full(R, -1, dtype=np.int64)
+        self.warmup = np.zeros(R, dtype=np.int64)      # warm-start steps of the request (0: none)
+        self._group_members: Dict[str, set] = {}       # ESamp request groups alive -> their request ids
+        self._warmed_groups: set = set()               # groups whose slot already had its warm start
         self.req_id_by_idx: Dict[int, str] = {}
         self.idx_by_req_id: Dict[str, int] = {}
         self._pending: Dict[int, Any] = {}   # req_idx -> SamplingParams seen by ModelState.add_request
@@ -156,6 +196,8 @@ class ESampRuntime:
         self.counters: Dict[str, int] = {
             "requests_esamp": 0, "requests_plain": 0, "requests_no_slot": 0, "requests_finished": 0,
             "steps": 0, "rows_esamp": 0, "rows_plain": 0, "rows_no_lm_input": 0, "steps_skipped": 0,
+            "warmup_groups": 0, "warmup_rows": 0, "warmup_updates": 0, "warmup_row_updates": 0,
+            "warmup_shared": 0, "warmup_partial": 0, "warmup_truncated": 0, "warmup_unavailable": 0,
         }
         self._step: Optional[_Step] = None
         self._last_log = time.monotonic()
@@ -164,17 +206,22 @@ class ESampRuntime:
         # Enter the compile-cache key: vLLM hashes additional_config, not our env vars, and an AOT artifact
         # compiled without the capture node must never be loaded into a model that has it (or vice versa).
         ac = vllm_config.additional_config
+        capture = "esamp::capture@layer%d" % cfg.capture_layer
+        if self.final_buffer is not None:
+            capture += "+final_norm"
         if isinstance(ac, dict):
-            ac[ADDITIONAL_CONFIG_KEY] = dict(cfg.to_dict(), _capture="esamp::capture@layer%d" % cfg.capture_layer)
+            ac[ADDITIONAL_CONFIG_KEY] = dict(cfg.to_dict(), _capture=capture)
         else:
             logger.warning("ESamp: additional_config is not a dict, so the compile cache key cannot record the "
                            "capture point; set VLLM_DISABLE_COMPILE_CACHE=1 when toggling ESamp.")
         _RUNTIMES.add(self)
         per_slot = self.trainer.nbytes_per_slot if self.trainer is not None else 0
         logger.info("ESamp enabled: mode=%s slots=%d rank=%d layers=%d beta=%.3g capture=layer %d "
-                    "(buffer %d x %d %s), distiller bank %.1f MiB, tp_rank=%d/%d",
+                    "(buffer %d x %d %s), warm start %s, distiller bank %.1f MiB, tp_rank=%d/%d",
                     cfg.mode, self.num_slots, self.rank, cfg.layers, cfg.beta, cfg.capture_layer,
                     self.capture_buffer.shape[0], self.hidden_size, str(self.dtype).replace("torch.", ""),
+                    ("%d steps, <= %d rows" % (cfg.warmup_steps, self.warmup_max_rows))
+                    if self.final_buffer is not None else "off",
                     per_slot * self.num_slots / 2**20, self.tp_rank, self.tp_size)
 
     # ------------------------------------------------------------------ request lifecycle
@@ -210,6 +257,8 @@ class ESampRuntime:
         self.top_p[req_idx] = float(sampling_params.top_p)
         self.min_p[req_idx] = float(sampling_params.min_p)
         self.slot[req_idx] = slot
+        self.warmup[req_idx] = self.cfg.warmup_steps if rc.warmup_steps is None else rc.warmup_steps
+        self._group_members.setdefault(group_key(req_id), set()).add(req_id)
         self._pending[req_idx] = sampling_params
         self.counters["requests_esamp"] += 1
 
@@ -219,6 +268,7 @@ class ESampRuntime:
             self.idx_by_req_id.pop(old, None)
         self.enabled[req_idx] = False
         self.slot[req_idx] = -1
+        self.warmup[req_idx] = 0
         self._pending.pop(req_idx, None)
 
     def remove_request(self, req_id: str) -> None:
@@ -230,6 +280,13 @@ class ESampRuntime:
         if was_esamp:
             self.slots.release(req_id)
             self.counters["requests_finished"] += 1
+            g = group_key(req_id)
+            members = self._group_members.get(g)
+            if members is not None:
+                members.discard(req_id)
+                if not members:  # the group's slot is reset now: its next owner gets its own warm start
+                    del self._group_members[g]
+                    self._warmed_groups.discard(g)
 
     def sampler_params(self, req_idx: int, sampling_params: Any) -> Any:
         """What vLLM's own sampler is told about request req_idx (see module docstring, step 2)."""
@@ -265,8 +322,106 @@ class ESampRuntime:
             self.counters["rows_no_lm_input"] += len(rows)
             return None
         rows_np = np.asarray(rows, dtype=np.int64)
+        if self.trainer is not None and self.warmup[idx_np[rows_np]].any():
+            self._warm_start(rows_np, idx_np, input_batch, lm_in)
         return _Step(rows_np=rows_np, rows=torch.from_numpy(rows_np).to(logits.device),
                      req_idx=idx_np[rows_np], lm_in=lm_in, logits_indices=input_batch.logits_indices)
+
+    # ------------------------------------------------------------------ warm start
+    def _warm_start(self, rows_np: np.ndarray, idx_np: np.ndarray, input_batch: Any, lm_in: torch.Tensor) -> None:
+        """Queue the warm-start updates of the rows whose prefill completes in this step (driver rank)."""
+        try:
+            qsl = np.asarray(input_batch.query_start_loc_np)
+            n_sched = np.asarray(input_batch.num_scheduled_tokens)
+            prefilling = np.asarray(input_batch.is_prefilling_np)
+            done_before = np.asarray(input_batch.num_computed_prefill_tokens_np)
+            prefill_len = np.asarray(input_batch.prefill_len_np)
+        except AttributeError as e:  # an InputBatch layout this adapter does not know
+            self._disable_warm_start(f"the input batch lacks {e.name if hasattr(e, 'name') else e}")
+            return
+        jobs = []  # (steps, first token, end token, slot, request-state index)
+        in_step: Dict[str, int] = {}  # group -> index in jobs of the member warming it in this step
+        for r in rows_np.tolist():
+            ri = int(idx_np[r])
+            steps = int(self.warmup[ri])
+            if steps <= 0 or not prefilling[r] or done_before[r] + n_sched[r] < prefill_len[r]:
+                continue  # no warm start, a decode row, or a prefill chunk before the last one
+            if self.final_buffer is None:
+                self.counters["warmup_unavailable"] += 1
+                continue
+            g = group_key(self.req_id_by_idx[ri])
+            if g in self._warmed_groups:
+                self.counters["warmup_shared"] += 1  # an n > 1 sibling already warmed the group's slot
+                continue
+            start, end = int(qsl[r]), int(qsl[r + 1])
+            job = (steps, start, end, int(self.slot[ri]), ri, bool(done_before[r] > 0))
+            j = in_step.get(g)
+            if j is not None:  # siblings completing together: the one with the most prompt rows computed here
+                self.counters["warmup_shared"] += 1
+                if end - start > jobs[j][2] - jobs[j][1]:
+                    jobs[j] = job
+                continue
+            in_step[g] = len(jobs)
+            jobs.append(job)
+        if not jobs:
+            return
+        for i, (steps, start, end, slot, ri, partial) in enumerate(jobs):
+            self._warmed_groups.add(group_key(self.req_id_by_idx[ri]))
+            if partial:
+                self.counters["warmup_partial"] += 1
+            if end - start > self.warmup_max_rows:
+                start = end - self.warmup_max_rows
+                self.counters["warmup_truncated"] += 1
+            jobs[i] = (steps, start, end, slot, ri)
+        if not self._warmup_checked and not self._check_final_capture(rows_np, input_batch, lm_in):
+            for *_, ri in jobs:
+                self._warmed_groups.discard(group_key(self.req_id_by_idx[ri]))
+            self.counters["warmup_unavailable"] += len(jobs)
+            return
+        dev = self.capture_buffer.device
+        # Requests with the same step count share updates (slots are independent), in batches of at most the
+        # trainer's ring capacity, in batch order.
+        by_steps: Dict[int, List[List[tuple]]] = {}
+        for job in jobs:
+            bins = by_steps.setdefault(job[0], [[]])
+            if sum(j[2] - j[1] for j in bins[-1]) + (job[2] - job[1]) > self.warmup_max_rows:
+                bins.append([])
+            bins[-1].append(job)
+        for steps, bins in by_steps.items():
+            for b in bins:
+                idx = torch.from_numpy(np.concatenate([np.arange(j[1], j[2], dtype=np.int64) for j in b])).to(dev)
+                slots = torch.from_numpy(np.concatenate([np.full(j[2] - j[1], j[3], dtype=np.int64)
+                                                         for j in b])).to(dev)
+                x = self.capture_buffer.index_select(0, idx)
+                t = self.final_buffer.index_select(0, idx)
+                for _ in range(steps):
+                    self.trainer.observe(x, t, slots)
+                n = int(idx.shape[0])
+                self.counters["warmup_updates"] += steps
+                self.counters["warmup_row_updates"] += steps * n
+                self.counters["warmup_rows"] += n
+                self.counters["warmup_groups"] += len(b)
+
+    def _check_final_capture(self, rows_np: np.ndarray, input_batch: Any, lm_in: torch.Tensor) -> bool:
+        """Once: the final-norm capture must match the LM-head input at the logit rows (else the model applies
+        something between its final norm and the LM head, and warm start is turned off).  Matching is up to a
+        relative L2 error of 1e-2 (one host sync), so that a compiled graph that recomputes the norm for its
+        output in another kernel (rounding differences) still passes, while any real transform fails."""
+        self._warmup_checked = True
+        r = torch.from_numpy(rows_np).to(lm_in.device)
+        tok = input_batch.logits_indices.index_select(0, r)
+        got = self.final_buffer.index_select(0, tok.to(self.final_buffer.device)).float()
+        want = lm_in.index_select(0, r).float()
+        if got.shape == want.shape and bool(torch.linalg.vector_norm(got - want)
+                                            <= 1e-2 * torch.linalg.vector_norm(want)):
+            return True
+        self._disable_warm_start("the decoder's final-norm output is not the LM-head input of this model")
+        return False
+
+    def _disable_warm_start(self, reason: str) -> None:
+        logger.warning("ESamp: warm start is unavailable (%s); requests run without it.", reason)
+        self.warmup_reason = reason
+        self.final_buffer = None
 
     def _row_params(self, req_idx: np.ndarray, device: torch.device):
         def t(a):
@@ -327,7 +482,8 @@ class ESampRuntime:
         s: Dict[str, Any] = dict(self.counters)
         s.update(slots=self.num_slots, slots_in_use=self.slots.slots_in_use,
                  slot_resets=self.slots.resets, slots_exhausted=self.slots.exhausted,
-                 tp_rank=self.tp_rank, disabled_reason=self.disabled_reason)
+                 tp_rank=self.tp_rank, disabled_reason=self.disabled_reason,
+                 warmup_available=self.final_buffer is not None, warmup_reason=self.warmup_reason)
         if self.trainer is not None:
             s.update({f"trainer_{k}": v for k, v in self.trainer.stats().items()})
         return s
