@@ -27,46 +27,18 @@
 #include "esamp/common.h"
 #include "esamp/distiller.h"
 #include "esamp/philox.h"
+#include "bench_util.h"
 
 using namespace esamp;
-
-#define CK(x)                                                                                    \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
+using namespace esamp_bench;
 
 namespace {
-
-__global__ void fill_normal(float* out, int64_t n, uint64_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = scale * init_normal(seed, static_cast<uint64_t>(i));
-}
 
 // t = 0.5 x + 0.3 noise
 __global__ void make_target(float* t, const float* x, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     t[i] = 0.5f * x[i] + 0.3f * init_normal(seed, static_cast<uint64_t>(i));
-}
-
-double pct(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t i = static_cast<size_t>(pos);
-  const double f = pos - i;
-  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
-}
-
-template <typename T>
-T* dalloc(size_t n) {
-  T* p = nullptr;
-  CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-  return p;
 }
 
 struct Timing {
@@ -130,13 +102,7 @@ int main(int argc, char** argv) {
   bool smoke = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&]() { return esamp_bench::arg_value(argc, argv, i); };
     if (a == "--smoke") smoke = true;
     else if (a == "--reps") reps = std::atoi(next());
     else if (a == "--warmup") warmup = std::atoi(next());
@@ -194,7 +160,7 @@ int main(int argc, char** argv) {
   float* x = dalloc<float>(N * H);
   float* t = dalloc<float>(N * H);
   float* y = dalloc<float>(N * H);
-  fill_normal<<<1024, 256, 0, stream>>>(x, N * H, 5, 1.f);
+  fill_normal<<<1024, 256, 0, stream>>>(x, DType::kF32, N * H, 5, 1.f);
   make_target<<<1024, 256, 0, stream>>>(t, x, N * H, 6);
   CK(cudaGetLastError());
   std::vector<int64_t> hid(N);

@@ -21,8 +21,10 @@
 
 #include "esamp/philox.h"
 #include "esamp/sampling.h"
+#include "bench_util.h"
 
 using namespace esamp;
+using esamp_bench::pct;
 
 namespace {
 
@@ -88,14 +90,6 @@ int selftest() {
   return fails ? 1 : 0;
 }
 
-double percentile(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t i = static_cast<size_t>(pos);
-  const double f = pos - i;
-  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -104,13 +98,7 @@ int main(int argc, char** argv) {
   std::string wdtype = "f32", which = "abc";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&]() { return esamp_bench::arg_value(argc, argv, i); };
     if (a == "--selftest") return selftest();
     if (a == "--reps") reps = std::atoi(next());
     else if (a == "--warmup") warmup = std::atoi(next());
@@ -199,8 +187,8 @@ int main(int argc, char** argv) {
       if (i >= warmup) us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     }
     std::printf("%-16s |C| median %7.0f (min %.0f, max %.0f)   median %10.1f us   p10 %10.1f   p90 %10.1f\n", c.name,
-                percentile(sizes, 0.5), percentile(sizes, 0.0), percentile(sizes, 1.0), percentile(us, 0.5),
-                percentile(us, 0.1), percentile(us, 0.9));
+                pct(sizes, 0.5), pct(sizes, 0.0), pct(sizes, 1.0), pct(us, 0.5),
+                pct(us, 0.1), pct(us, 0.9));
   }
   return 0;
 }

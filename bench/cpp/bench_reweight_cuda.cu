@@ -25,27 +25,14 @@
 #include "esamp/common.h"
 #include "esamp/philox.h"
 #include "esamp/sampling.h"
+#include "bench_util.h"
 
 using namespace esamp;
-
-#define CK(x)                                                                                    \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
+using namespace esamp_bench;
 
 namespace {
 
 constexpr double kPeakBytesPerS = 4.8e12;
-
-__global__ void fill_normal(void* out, DType dt, int64_t n, uint64_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    store_from_float(out, dt, i, scale * init_normal(seed, static_cast<uint64_t>(i)));
-}
 
 // Zipf head: 256 distinct tokens per row (stride 997 from a per-row start), head_j = s - a ln(j + 1).
 __global__ void fill_head(void* logits, DType dt, int64_t V, uint64_t seed) {
@@ -59,29 +46,6 @@ __global__ void fill_head(void* logits, DType dt, int64_t V, uint64_t seed) {
   store_from_float(logits, dt, r * V + v, s - a * logf(static_cast<float>(j + 1)));
 }
 
-double pct(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t i = static_cast<size_t>(pos);
-  const double f = pos - i;
-  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
-}
-
-DType parse_dtype(const std::string& s) {
-  if (s == "f32") return DType::kF32;
-  if (s == "bf16") return DType::kBF16;
-  if (s == "f16") return DType::kF16;
-  std::fprintf(stderr, "unknown dtype %s (f32|bf16|f16)\n", s.c_str());
-  std::exit(2);
-}
-
-template <typename T>
-T* dalloc(size_t n) {
-  T* p = nullptr;
-  CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-  return p;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -91,13 +55,7 @@ int main(int argc, char** argv) {
   bool smoke = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&]() { return esamp_bench::arg_value(argc, argv, i); };
     if (a == "--smoke") smoke = true;
     else if (a == "--reps") reps = std::atoi(next());
     else if (a == "--warmup") warmup = std::atoi(next());
