@@ -48,15 +48,13 @@ at::Tensor mix_hidden_cpu(const at::Tensor& hidden, const at::Tensor& pred_hidde
 at::Tensor distiller_forward_cpu(const at::Tensor& params, const at::Tensor& x, const at::Tensor& slot_ids,
                                  int64_t rank, int64_t layers, double norm_eps,
                                  std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
-  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
-  esamp::RowsIn rows = make_rows(params, x, nullptr, slot_ids);
-  at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  esamp::DType kodt = to_kernel_dtype(odt, "out_dtype");
-  at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(odt));
+  const ForwardArgs a = make_forward_args(params, x, slot_ids, rank, layers, norm_eps, out_dtype);
+  const esamp::DistillerShape& sh = a.sh;
+  const esamp::RowsIn& rows = a.rows;
+  at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(a.out_dtype));
   if (rows.N > 0) {
     check_status(esamp::distiller_forward_cpu(sh, params.data_ptr<float>(), params.size(0), rows, out.data_ptr(),
-                                              kodt, sh.H, aten_gemm()),
+                                              a.out_kernel_dtype, sh.H, aten_gemm()),
                  "distiller_forward");
   }
   return out;
@@ -66,14 +64,9 @@ void distiller_train_step_cpu(at::Tensor& params, at::Tensor& exp_avg, at::Tenso
                               at::Tensor& losses, at::Tensor& stats, const at::Tensor& x, const at::Tensor& target,
                               const at::Tensor& slot_ids, int64_t rank, int64_t layers, double norm_eps, double lr,
                               double beta1, double beta2, double adam_eps, double clip) {
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
-  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
-  check_bank_state(params, exp_avg, exp_avg_sq, step);
-  const esamp::AdamConfig cfg = make_adam_config(lr, beta1, beta2, adam_eps, clip);
-  check_train_outputs(params, losses, stats);
-  esamp::RowsIn rows = make_rows(params, x, &target, slot_ids);
-  esamp::DistillerBank bank = make_bank(params, exp_avg, exp_avg_sq, step);
-  check_status(esamp::distiller_train_step_cpu(sh, cfg, bank, rows, losses.data_ptr<float>(),
+  const TrainStepArgs a = make_train_step_args(params, exp_avg, exp_avg_sq, step, losses, stats, x, target, slot_ids,
+                                               rank, layers, norm_eps, lr, beta1, beta2, adam_eps, clip);
+  check_status(esamp::distiller_train_step_cpu(a.sh, a.cfg, a.bank, a.rows, losses.data_ptr<float>(),
                                                stats.data_ptr<double>(), aten_gemm()),
                "distiller_train_step");
 }

@@ -98,21 +98,20 @@ void check_distiller_limits(const esamp::DistillerShape& sh, int64_t S, int64_t 
 at::Tensor distiller_forward_cuda(const at::Tensor& params, const at::Tensor& x, const at::Tensor& slot_ids,
                                   int64_t rank, int64_t layers, double norm_eps,
                                   std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
-  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
-  esamp::RowsIn rows = make_rows(params, x, nullptr, slot_ids);
-  at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  esamp::DType kodt = to_kernel_dtype(odt, "out_dtype");
+  const ForwardArgs a = make_forward_args(params, x, slot_ids, rank, layers, norm_eps, out_dtype);
+  const esamp::DistillerShape& sh = a.sh;
+  const esamp::RowsIn& rows = a.rows;
   check_on_cuda(params, "params");
   const int64_t S = params.size(0);
   check_distiller_limits(sh, S, rows.N);
   const c10::cuda::CUDAGuard guard(params.device());
-  at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(odt));
+  at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(a.out_dtype));
   if (rows.N > 0) {
     const size_t ws_bytes = esamp::distiller_cuda_forward_workspace_bytes(sh, S, rows.N);
     at::Tensor ws = workspace(ws_bytes, params);
-    check_status(esamp::distiller_forward_cuda(sh, params.data_ptr<float>(), S, rows, out.data_ptr(), kodt, sh.H,
-                                               ws.data_ptr(), ws_bytes, nullptr, current_stream(params.device())),
+    check_status(esamp::distiller_forward_cuda(sh, params.data_ptr<float>(), S, rows, out.data_ptr(),
+                                               a.out_kernel_dtype, sh.H, ws.data_ptr(), ws_bytes, nullptr,
+                                               current_stream(params.device())),
                  "distiller_forward");
   }
   return out;
@@ -122,20 +121,17 @@ void distiller_train_step_cuda(at::Tensor& params, at::Tensor& exp_avg, at::Tens
                                at::Tensor& losses, at::Tensor& stats, const at::Tensor& x, const at::Tensor& target,
                                const at::Tensor& slot_ids, int64_t rank, int64_t layers, double norm_eps, double lr,
                                double beta1, double beta2, double adam_eps, double clip) {
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
-  esamp::DistillerShape sh = check_bank(params, x.size(1), rank, layers, norm_eps);
-  check_bank_state(params, exp_avg, exp_avg_sq, step);
-  const esamp::AdamConfig cfg = make_adam_config(lr, beta1, beta2, adam_eps, clip);
+  const TrainStepArgs a = make_train_step_args(params, exp_avg, exp_avg_sq, step, losses, stats, x, target, slot_ids,
+                                               rank, layers, norm_eps, lr, beta1, beta2, adam_eps, clip);
+  const esamp::DistillerShape& sh = a.sh;
+  const esamp::RowsIn& rows = a.rows;
   const int64_t S = params.size(0);
-  check_train_outputs(params, losses, stats);
-  esamp::RowsIn rows = make_rows(params, x, &target, slot_ids);
   check_on_cuda(params, "params");
   check_distiller_limits(sh, S, rows.N);
   const c10::cuda::CUDAGuard guard(params.device());
-  esamp::DistillerBank bank = make_bank(params, exp_avg, exp_avg_sq, step);
   const size_t ws_bytes = esamp::distiller_cuda_workspace_bytes(sh, S, rows.N);
   at::Tensor ws = workspace(ws_bytes, params);
-  check_status(esamp::distiller_train_step_cuda(sh, cfg, bank, rows, losses.data_ptr<float>(),
+  check_status(esamp::distiller_train_step_cuda(sh, a.cfg, a.bank, rows, losses.data_ptr<float>(),
                                                 stats.data_ptr<double>(), ws.data_ptr(), ws_bytes, nullptr,
                                                 current_stream(params.device())),
                "distiller_train_step");

@@ -289,6 +289,33 @@ const float* gamma_init_ptr(const std::optional<at::Tensor>& gamma_init, int64_t
   return gi.data_ptr<float>();
 }
 
+ForwardArgs make_forward_args(const at::Tensor& params, const at::Tensor& x, const at::Tensor& slot_ids, int64_t rank,
+                              int64_t layers, double norm_eps, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
+  ForwardArgs a;
+  a.sh = check_bank(params, x.size(1), rank, layers, norm_eps);
+  a.rows = make_rows(params, x, nullptr, slot_ids);
+  a.out_dtype = out_dtype.value_or(x.scalar_type());
+  a.out_kernel_dtype = to_kernel_dtype(a.out_dtype, "out_dtype");
+  return a;
+}
+
+TrainStepArgs make_train_step_args(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step,
+                                   const at::Tensor& losses, const at::Tensor& stats, const at::Tensor& x,
+                                   const at::Tensor& target, const at::Tensor& slot_ids, int64_t rank, int64_t layers,
+                                   double norm_eps, double lr, double beta1, double beta2, double adam_eps,
+                                   double clip) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [N, H], got shape ", shape_str(x));
+  TrainStepArgs a;
+  a.sh = check_bank(params, x.size(1), rank, layers, norm_eps);
+  check_bank_state(params, exp_avg, exp_avg_sq, step);
+  a.cfg = make_adam_config(lr, beta1, beta2, adam_eps, clip);
+  check_train_outputs(params, losses, stats);
+  a.rows = make_rows(params, x, &target, slot_ids);
+  a.bank = make_bank(params, exp_avg, exp_avg_sq, step);
+  return a;
+}
+
 void check_status(esamp::Status s, const char* op) {
   TORCH_CHECK(s == esamp::Status::kOk, "esamp::", op, ": kernel failed: ", esamp::status_string(s));
 }

@@ -33,6 +33,29 @@ esamp::RowsIn make_rows(const at::Tensor& params, const at::Tensor& x, const at:
                         const at::Tensor& slot_ids);
 void check_slot_list(const at::Tensor& slot_ids, int64_t S, const at::Tensor& params);
 void check_adam(double lr, double beta1, double beta2, double adam_eps, double clip);
+// Everything distiller_forward validates and derives before a backend allocates and launches.
+struct ForwardArgs {
+  esamp::DistillerShape sh;
+  esamp::RowsIn rows;
+  at::ScalarType out_dtype;
+  esamp::DType out_kernel_dtype;
+};
+ForwardArgs make_forward_args(const at::Tensor& params, const at::Tensor& x, const at::Tensor& slot_ids, int64_t rank,
+                              int64_t layers, double norm_eps, std::optional<at::ScalarType> out_dtype);
+
+// Everything distiller_train_step validates and derives before a backend launches.
+struct TrainStepArgs {
+  esamp::DistillerShape sh;
+  esamp::AdamConfig cfg;
+  esamp::RowsIn rows;
+  esamp::DistillerBank bank;
+};
+TrainStepArgs make_train_step_args(at::Tensor& params, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step,
+                                   const at::Tensor& losses, const at::Tensor& stats, const at::Tensor& x,
+                                   const at::Tensor& target, const at::Tensor& slot_ids, int64_t rank, int64_t layers,
+                                   double norm_eps, double lr, double beta1, double beta2, double adam_eps,
+                                   double clip);
+
 // check_adam + conversion to the kernel's AdamConfig.
 esamp::AdamConfig make_adam_config(double lr, double beta1, double beta2, double adam_eps, double clip);
 // The per-slot losses [S] float32 and stats [kNumStats] float64 outputs of distiller_train_step.
