@@ -1,18 +1,17 @@
 """The `esamp` command line: generate and demo on a tiny random model saved to a temporary folder."""
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from esamp import cli, models  # noqa: E402
+from tiny_models import tiny_llama, word_tokenizer  # noqa: E402
 
 VOCAB = 96
 
@@ -20,20 +19,7 @@ VOCAB = 96
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama and a word-level tokenizer, saved like any local transformers model."""
-    from tokenizers import Tokenizer, models as tkmodels, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tk = Tokenizer(tkmodels.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=2, bos_token_id=1, pad_token_id=0))
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 2.0 / math.sqrt(32))
+    tok, model = word_tokenizer(VOCAB), tiny_llama(VOCAB)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -15,6 +15,7 @@ import esamp  # noqa: F401
 from esamp import metrics
 from esamp.eval import frontier, passk
 from esamp.eval.exempt import ExemptESamp, exempt_logits
+from tiny_models import tiny_llama, word_tokenizer  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None and \
     importlib.util.find_spec("tokenizers") is not None
@@ -267,22 +268,8 @@ class HashEmbedder:
 
 
 def make_tiny(tmp_path=None):
-    from tokenizers import Tokenizer, models as tkmodels, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tk = Tokenizer(tkmodels.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=2, bos_token_id=1, pad_token_id=0))
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 2.0 / math.sqrt(32))
-        model.lm_head.weight[2] *= 2.0                                 # EOS common within ~10 tokens
-    model.eval()
+    tok = word_tokenizer(VOCAB)
+    model = tiny_llama(VOCAB, eos_boost=2.0)                           # EOS common within ~10 tokens
     if tmp_path is not None:
         model.save_pretrained(tmp_path)
         tok.save_pretrained(tmp_path)

@@ -13,6 +13,7 @@ import esamp  # noqa: E402,F401
 from esamp import hf, ops  # noqa: E402
 from esamp.config import ESampConfig  # noqa: E402
 from esamp.sampler import filters_active  # noqa: E402
+from tiny_models import word_tokenizer  # noqa: E402
 
 VOCAB = 96
 CHAT = ("{% for m in messages %}<s> {{ m['content'] }} w90 {% endfor %}"
@@ -20,16 +21,7 @@ CHAT = ("{% for m in messages %}<s> {{ m['content'] }} w90 {% endfor %}"
 
 
 def make_tokenizer(chat_template=None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tok.chat_template = chat_template
-    return tok
+    return word_tokenizer(VOCAB, chat_template)
 
 
 def make_model(family, seed=0):
