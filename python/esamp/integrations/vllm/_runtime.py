@@ -339,13 +339,16 @@ class ESampRuntime:
         except AttributeError as e:  # an InputBatch layout this adapter does not know
             self._disable_warm_start(f"the input batch lacks {e.name if hasattr(e, 'name') else e}")
             return
+        # Vectorised first: on a decode step no row completes its prefill and nothing below runs per row.
+        completes = ((self.warmup[idx_np[rows_np]] > 0) & prefilling[rows_np].astype(bool)
+                     & (done_before[rows_np] + n_sched[rows_np] >= prefill_len[rows_np]))
+        if not completes.any():
+            return  # no warm start, decode rows, or prefill chunks before the last one
         jobs = []  # (steps, first token, end token, slot, request-state index)
         in_step: Dict[str, int] = {}  # group -> index in jobs of the member warming it in this step
-        for r in rows_np.tolist():
+        for r in rows_np[completes].tolist():
             ri = int(idx_np[r])
             steps = int(self.warmup[ri])
-            if steps <= 0 or not prefilling[r] or done_before[r] + n_sched[r] < prefill_len[r]:
-                continue  # no warm start, a decode row, or a prefill chunk before the last one
             if self.final_buffer is None:
                 self.counters["warmup_unavailable"] += 1
                 continue
