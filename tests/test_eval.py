@@ -324,7 +324,7 @@ def test_exempt_sampler_reduces_to_esamp_and_to_vanilla(tiny, min_p):
 
 @needs_hf
 @pytest.mark.parametrize("kind", ["vanilla", "esamp", "esamp+min_p"])
-def test_base_logprob_tap_matches_a_scoring_pass(tiny, kind):
+def test_in_loop_base_logprobs_match_a_scoring_pass(tiny, kind):
     """The in-loop base-model log-probabilities equal those of a separate scoring pass (esamp.metrics.perplexity)."""
     from esamp.config import ESampConfig
     from esamp.eval import diversity
@@ -336,7 +336,7 @@ def test_base_logprob_tap_matches_a_scoring_pass(tiny, kind):
     out, blp = diversity.run_method(model, tok, PROMPTS, m, n=4, max_new_tokens=10, seed=5, chat=False,
                                     base_logprobs=True)
     plain = diversity.run_method(model, tok, PROMPTS, m, n=4, max_new_tokens=10, seed=5, chat=False)
-    assert plain.token_ids == out.token_ids                       # the tap changes nothing
+    assert plain.token_ids == out.token_ids                       # computing them changes nothing
     rows = [ids for g in out.token_ids for ids in g]
     assert [len(x) for x in blp] == [len(ids) for ids in rows]
     assert any(len(ids) < 10 for ids in rows) and any(len(ids) == 10 for ids in rows)   # EOS and full-length rows

@@ -183,6 +183,7 @@ class GenerationOutput:
     logprobs: List[List[List[float]]]
     stats: Dict[str, Any] = field(default_factory=dict)
     prompt_token_ids: List[List[int]] = field(default_factory=list)
+    base_logprobs: Optional[List[List[List[float]]]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,6 +270,44 @@ class _Runner:
         self.taps.remove()
 
 
+def _head_logits(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unmixed LM-head logits of rows h [B, H] (for base-model log-probabilities on the latent-mixing path)."""
+    out = h.to(W.dtype) @ W.t()
+    return out if bias is None else out + bias
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class _StopStrings:
+    """Per-row detection of stop strings in the generated text: the text of each token id (cached) is appended
+    to a short per-row tail, which is searched for the stop strings.  A stop string spanning tokens is found;
+    decoding token by token can differ from decoding the whole sequence only inside multi-byte characters."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], rows: int):
+        self.tok = tokenizer
+        self.stop = list(stop)
+        self.keep = max(len(s) for s in self.stop) - 1
+        self.tails = [""] * rows
+        self.text: Dict[int, str] = {}
+
+    def update(self, rows: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        hit = []
+        for r, t, f in zip(rows.tolist(), tokens.tolist(), finished.tolist()):
+            if f:
+                hit.append(False)
+                continue
+            piece = self.text.get(t)
+            if piece is None:
+                piece = self.text[t] = self.tok.decode([t], skip_special_tokens=True)
+            tail = self.tails[r] + piece
+            hit.append(any(s in tail for s in self.stop))
+            self.tails[r] = tail[-self.keep:] if self.keep > 0 else ""
+        return torch.tensor(hit, dtype=torch.bool, device=tokens.device)
+
+
 def _validate_sampling(n, max_new_tokens, temperature, top_k, top_p, min_p, seed):
     def bad(name, exp, v):
         raise ValueError(f"{name}: expected {exp}, got {v!r}")
@@ -294,7 +333,8 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
              max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, seed: int = 0, esamp: Union[ESampConfig, ESamp, None] = _DEFAULT,
              chat: bool = True, progress: bool = True, ignore_eos: bool = False,
-             desc: Optional[str] = None) -> GenerationOutput:
+             desc: Optional[str] = None, stop: Optional[Sequence[str]] = None, base_logprobs: bool = False,
+             compact: bool = True) -> GenerationOutput:
     """Sample `n` continuations of every prompt with ESamp (or vanilla sampling when ``esamp=None``).
 
     prompts: a str, a list of str (chat-formatted with the tokenizer's chat template when ``chat`` and the tokenizer
@@ -305,6 +345,12 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
     (``model.generation_config.eos_token_id`` / ``tokenizer.eos_token_id``; ``ignore_eos=True`` disables this) or
     after `max_new_tokens`.  ``esamp`` may also be an :class:`esamp.ESamp` to reuse (its per-prompt slots are
     re-initialised for every prompt; a shared-mode distiller keeps learning across calls).
+
+    ``stop``: strings that end a row once its generated text contains one (the text is cut before it; the token
+    that completed it is the row's last).  ``base_logprobs=True`` also returns, per generated token, its
+    log-probability under the base model at T = 1 with no filter (``out.base_logprobs``; on the latent-mixing path
+    this costs one extra LM-head product per step).  ``compact`` drops finished rows from the batch and the KV
+    cache once they make up 1/8 of it (no token changes; False keeps every row to the end).
     """
     if esamp is _DEFAULT:
         esamp = ESampConfig()
@@ -313,6 +359,12 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError(f"prompts: expected a non-empty list of prompts, got {prompts!r}")
     _validate_sampling(n, max_new_tokens, temperature, top_k, top_p, min_p, seed)
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop: expected a list of non-empty strings, got {stop!r}")
+        stop = list(stop)
     if esamp is not None and not isinstance(esamp, (ESampConfig, ESamp)):
         raise TypeError(f"esamp: expected an esamp.ESampConfig, an esamp.ESamp or None, got {type(esamp).__name__}")
 
@@ -372,9 +424,19 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
     seeds = row_seeds(seed, B, device)
     out_tok = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     out_lp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out_blp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if base_logprobs else None
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    stopper = _StopStrings(tokenizer, stop, B) if stop else None
+    # Row compaction: `rows` maps the positions of the current batch to the original rows; finished rows are
+    # dropped from the batch (and from the KV cache) once they make up 1/8 of it, so a few long samples do not
+    # keep the whole batch running.  Tokens, seeds and steps are per original row, so compaction changes no token.
+    rows = torch.arange(B, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    row_seed = seeds
+    from transformers import DynamicCache  # local import: esamp itself does not need transformers
+
+    can_compact = compact and hasattr(DynamicCache, "batch_select_indices")
 
     def fwd(ids, mask, position_ids, cache):
         kw: Dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
@@ -389,12 +451,11 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
             new_cache = getattr(out, "past_key_values", None)
         return out.logits[:, -1, :], new_cache
 
-    from transformers import DynamicCache  # local import: esamp itself does not need transformers
-
     cache = DynamicCache(config=model.config)
     step_times: List[float] = []
     prefill_s = decode_s = 0.0
     steps_done = 0
+    compactions = 0
     label = desc or ("esamp" if es is not None else "vanilla")
     try:
         from tqdm.auto import tqdm
@@ -419,34 +480,45 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
                 if runner is not None:
                     x_rows, t_rows, t_hat = runner.x, runner.t, runner.t_hat
                     train_x, train_t, train_slots = x_rows, t_rows, prompt_slots   # one row per prompt
+                    base_t = t_rows.repeat_interleave(n, 0) if n > 1 else t_rows
                     if n > 1:
                         t_hat = t_hat.repeat_interleave(n, 0)
                     runner.slots = row_slots
             else:
-                attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+                attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=device)], dim=1)
                 last_pos = last_pos + 1
                 logits, cache = fwd(tokens[:, None], attn, last_pos[:, None], cache)
                 if runner is not None:
                     t_hat = runner.t_hat
+                    base_t = runner.t
                     active = ~finished
                     if bool(active.all()):
-                        train_x, train_t, train_slots = runner.x, runner.t, row_slots
+                        train_x, train_t, train_slots = runner.x, runner.t, runner.slots
                     else:
                         idx = active.nonzero().squeeze(1)
-                        train_x, train_t, train_slots = runner.x[idx], runner.t[idx], row_slots[idx]
+                        train_x, train_t, train_slots = runner.x[idx], runner.t[idx], runner.slots[idx]
             if es is not None:
                 tok, lp = es.sample(logits, t_hat, W, latent_mixed=latent, lm_head_bias=bias, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, step=k)
+                                    top_k=top_k, top_p=top_p, min_p=min_p, seeds=row_seed, step=k)
                 es.update(train_x, train_t, train_slots)
             else:
                 tok, lp = sample_tokens(logits, W, lm_head_bias=bias, beta=0.0, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, min_p=min_p, seeds=seeds, step=k)
+                                        top_p=top_p, min_p=min_p, seeds=row_seed, step=k)
             tokens = torch.where(finished, torch.full_like(tok, pad), tok)
-            out_tok[:, k] = tokens
-            out_lp[:, k] = torch.where(finished, torch.zeros_like(lp), lp)
+            out_tok[rows, k] = tokens
+            out_lp[rows, k] = torch.where(finished, torch.zeros_like(lp), lp)
+            if out_blp is not None:
+                base = logits if (es is None or not latent) else _head_logits(base_t, W, bias)
+                blp = torch.log_softmax(base.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+                out_blp[rows, k] = torch.where(finished, torch.zeros_like(blp), blp)
+            hit = torch.zeros_like(finished)
             if eos_t is not None:
-                hit = (~finished) & torch.isin(tokens, eos_t)
-                lengths = torch.where(hit, torch.full_like(lengths, k + 1), lengths)
+                hit = torch.isin(tokens, eos_t)
+            if stopper is not None:
+                hit = hit | stopper.update(rows, tokens, finished)
+            hit = hit & ~finished
+            if bool(hit.any()):
+                lengths[rows[hit]] = k + 1
                 finished = finished | hit
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -458,9 +530,18 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
             if bar is not None:
                 bar.update(1)
                 if k % 8 == 0:
-                    bar.set_postfix(done=f"{int(finished.sum())}/{B}")
+                    bar.set_postfix(done=f"{B - rows.numel() + int(finished.sum())}/{B}")
             if bool(finished.all()):
                 break
+            nf = int(finished.sum())
+            if can_compact and nf > 0 and nf * 8 >= finished.numel() and k + 1 < max_new_tokens:
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                attn, last_pos, tokens = attn[keep], last_pos[keep], tokens[keep]
+                rows, row_seed, finished = rows[keep], row_seed[keep], finished[keep]
+                if runner is not None:
+                    runner.slots = runner.slots[keep]
+                compactions += 1
     finally:
         if bar is not None:
             bar.close()
@@ -474,21 +555,30 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
     lens = lengths.clamp(max=steps_done).tolist()
     tok_list = out_tok.tolist()
     lp_list = out_lp.tolist()
+    blp_list = out_blp.tolist() if out_blp is not None else None
     texts: List[List[str]] = []
     token_ids: List[List[List[int]]] = []
     logprobs: List[List[List[float]]] = []
+    base_lps: Optional[List[List[List[float]]]] = [] if blp_list is not None else None
     for p in range(P):
-        tp, ip, lpp = [], [], []
+        tp, ip, lpp, bpp = [], [], [], []
         for j in range(n):
             r = p * n + j
             ids = tok_list[r][: lens[r]]
             ip.append(ids)
             lpp.append(lp_list[r][: lens[r]])
+            if blp_list is not None:
+                bpp.append(blp_list[r][: lens[r]])
             text_ids = [t for t in ids if t not in eos]
-            tp.append(tokenizer.decode(text_ids, skip_special_tokens=True))
+            text = tokenizer.decode(text_ids, skip_special_tokens=True)
+            if stop:
+                text = _cut_at_stop(text, stop)
+            tp.append(text)
         texts.append(tp)
         token_ids.append(ip)
         logprobs.append(lpp)
+        if base_lps is not None:
+            base_lps.append(bpp)
     generated = int(sum(lens))
     gen_s = prefill_s + decode_s
     stats: Dict[str, Any] = {
@@ -501,6 +591,7 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
         "row_steps_per_s": B * steps_done / gen_s if gen_s > 0 else float("nan"),
         "step_times": step_times,
         "latent_mixing": latent,
+        "compactions": compactions,
         "filters": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p},
     }
     if es is not None:
@@ -508,7 +599,7 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
         stats["esamp"] = es.config.to_dict()
         stats["trainer"] = es.stats()
     return GenerationOutput(texts=texts, token_ids=token_ids, logprobs=logprobs, stats=stats,
-                            prompt_token_ids=prompt_ids)
+                            prompt_token_ids=prompt_ids, base_logprobs=base_lps)
 
 
 _CALLS = itertools.count()

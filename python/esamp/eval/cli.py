@@ -68,7 +68,8 @@ def _common(p: argparse.ArgumentParser, *, n: int, max_new_tokens: int, seeds: s
     p.add_argument("--model", default=None, metavar="PATH|FILE.gguf",
                    help="local transformers folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("-n", "--n", type=int, default=n, help=f"samples per prompt (default {n})")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"default {max_new_tokens}" if max_new_tokens else "default: 48, or the suite's own budget")
     p.add_argument("--seeds", type=_ints, default=_ints(seeds), help=f"comma-separated seeds (default {seeds})")
     p.add_argument("--beta", type=_floats, default=None, help="ESamp beta values, comma-separated")
     p.add_argument("--lr", type=_floats, default=None, help="ESamp learning rates, comma-separated")
@@ -106,10 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--positions", type=_ints, default=None, help="token positions of the similarity curve")
     d.add_argument("--fresh", action="store_true", help="ignore cached runs in OUT/runs")
     p = sub.add_parser("passk", help="pass@k (unbiased estimator) on tasks with checkers, vanilla vs ESamp")
-    _common(p, n=16, max_new_tokens=48, seeds="0")
+    _common(p, n=16, max_new_tokens=None, seeds="0")
     p.add_argument("--tasks", default=None, help="JSON-lines task file (default: the shipped task set)")
-    p.add_argument("--temperature", type=_floats, default=[0.7], help="sampling temperature(s) (default 0.7)")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p filter for every method (default 0: off)")
+    p.add_argument("--suite", default=None, choices=["gsm8k", "humaneval", "math500", "aime"],
+                   help="a real benchmark suite instead of --tasks (assets: bash tools/install_eval_assets.sh)")
+    p.add_argument("--split", default="dev",
+                   help="problems of the suite: dev | heldout | all | a-b | a,b,c (gsm8k: dev = files 0000-0049, "
+                        "heldout = 0050-0099, run once at the end; humaneval: dev = all)")
+    p.add_argument("--temperature", type=_floats, default=None,
+                   help="sampling temperature(s) of every method (default 0.7; with --suite: 1)")
+    p.add_argument("--min-p", type=_floats, default=None,
+                   help="min-p filter(s) of every method (default 0: off; with --suite: 0.1, the paper's protocol)")
+    p.add_argument("--no-esamp-grid", action="store_true",
+                   help="no ESamp grid over --temperature x --min-p x --beta x --lr x --warmup-steps (only --point)")
+    p.add_argument("--no-vanilla-grid", action="store_true", help="no vanilla runs over --temperature x --min-p")
+    p.add_argument("--point", type=_point, action="append", default=[],
+                   help="an extra ESamp point, e.g. beta=0.25,lr=1e-3,warmup=100,temperature=1,min_p=0.1")
+    p.add_argument("--vanilla-point", type=_point, action="append", default=[],
+                   help="an extra vanilla point, e.g. temperature=0.8,min_p=0.05 (repeatable)")
+    p.add_argument("--baseline", default=None, help="method name the differences are taken against (default: the "
+                                                     "first vanilla method)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the model is de-quantised to (bfloat16 only pays off on CPUs with AVX-512 BF16/AMX)")
+    p.add_argument("--batch-rows", type=int, default=256, help="rows (problems x n) decoded together (default 256)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the chunks (each with --threads 1); the parent aggregates")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-aggregate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fresh", action="store_true", help="ignore cached runs in OUT/runs")
     return ap
 
@@ -158,10 +182,160 @@ def _cmd_diversity(args, log) -> int:
     return 0
 
 
+def _suite_methods(args, base):
+    from .diversity import Method, esamp_method
+
+    Ts = args.temperature if args.temperature is not None else [1.0]
+    mps = args.min_p if args.min_p is not None else [0.1]
+    methods = []
+
+    def vname(T, mp):
+        return f"vanilla T={T:g}" + (f" min_p={mp:g}" if mp > 0 else "")
+
+    if not args.no_vanilla_grid:
+        for T in Ts:
+            for mp in mps:
+                methods.append(Method(vname(T, mp), "min_p" if mp > 0 else "vanilla", temperature=T, min_p=mp))
+    for v in args.vanilla_point:
+        unknown = set(v) - {"temperature", "min_p"}
+        if unknown:
+            raise ValueError(f"--vanilla-point: unknown keys {sorted(unknown)} (expected temperature, min_p)")
+        T, mp = float(v.get("temperature", 1.0)), float(v.get("min_p", 0.0))
+        methods.append(Method(vname(T, mp), "min_p" if mp > 0 else "vanilla", temperature=T, min_p=mp))
+    if not args.no_esamp_grid:
+        for T in Ts:
+            for mp in mps:
+                for beta in args.beta or [base.beta]:
+                    for lr in args.lr or [base.lr]:
+                        for wu in args.warmup_steps or [base.warmup_steps]:
+                            for ex in args.exempt:
+                                methods.append(esamp_method(base.replace(beta=beta, lr=lr, warmup_steps=wu),
+                                                            temperature=T, min_p=mp, exempt=ex))
+    for e in args.point:
+        unknown = set(e) - {"beta", "lr", "warmup", "exempt", "temperature", "min_p", "rank", "layers", "mode"}
+        if unknown:
+            raise ValueError(f"--point: unknown keys {sorted(unknown)}")
+        kw = {"beta": e.get("beta", base.beta), "lr": e.get("lr", base.lr),
+              "warmup_steps": int(e.get("warmup", base.warmup_steps))}
+        for k in ("rank", "layers", "mode"):
+            if k in e:
+                kw[k] = e[k]
+        methods.append(esamp_method(base.replace(**kw), temperature=float(e.get("temperature", Ts[0])),
+                                    min_p=float(e.get("min_p", mps[0])), exempt=e.get("exempt") or None))
+    names = [m.name for m in methods]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise ValueError(f"methods: duplicate method names {dup}")
+    if not methods:
+        raise ValueError("no methods: give --temperature/--min-p grids or --point/--vanilla-point")
+    return methods
+
+
+def _cmd_suite(args, log) -> int:
+    import subprocess
+
+    from . import suite_eval, suites
+
+    base = _base_config(args)
+    methods = _suite_methods(args, base)
+    if args.batch_rows < 1:
+        raise ValueError(f"--batch-rows: expected an int >= 1, got {args.batch_rows}")
+    if args.workers < 1:
+        raise ValueError(f"--workers: expected an int >= 1, got {args.workers}")
+    out = args.out or f"esamp_eval_{args.suite}"
+    os.makedirs(out, exist_ok=True)
+    model_name = args.model or "smollm2-135m"
+    if args.workers > 1 and args.shard is None:
+        import shlex
+
+        argv = [a for a in sys.argv[1:]]
+        # re-run this command in W children, one shard each, then aggregate here
+        i = argv.index("--workers")
+        del argv[i:i + 2]
+        procs = []
+        log(f"esamp eval passk --suite {args.suite}: {len(methods)} methods x {len(args.seeds)} seeds, "
+            f"{args.workers} workers -> {out}/")
+        for w in range(args.workers):
+            cmd = [sys.executable, "-m", "esamp"] + argv + ["--shard", f"{w}/{args.workers}", "--threads", "1",
+                                                              "--no-aggregate"]
+            if w > 0 and "--no-progress" not in cmd:
+                cmd.append("--no-progress")
+            log(f"  worker {w}: {' '.join(shlex.quote(c) for c in cmd)}")
+            procs.append(subprocess.Popen(cmd))
+        rcs = [p.wait() for p in procs]
+        if any(rcs):
+            log(f"esamp eval passk: workers exited with {rcs}")
+            return 1
+    else:
+        from .. import models
+
+        t0 = time.perf_counter()
+        log(f"loading {model_name} ({args.dtype}) ...")
+        model, tok = models.load(args.model, dtype=args.dtype, cache=True)
+        log(f"  loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s")
+        suite = suites.get_suite(args.suite, args.split, tokenizer=tok)
+        shard = None
+        if args.shard is not None:
+            a, b = (int(x) for x in args.shard.split("/"))
+            shard = (a, b)
+        log(f"{suite.description}: {len(methods)} methods x {len(args.seeds)} seeds, n = {args.n}"
+            + (f", shard {args.shard}" if shard else ""))
+        suite_eval.run_suite(model, tok, suite, methods, n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
+                             out_dir=out, batch_rows=args.batch_rows, shard=shard, model_name=model_name,
+                             dtype=args.dtype, progress=not args.no_progress, resume=not args.fresh, log=log)
+        if args.no_aggregate:
+            return 0
+        del model
+    return _aggregate_suite(args, methods, out, log)
+
+
+def _aggregate_suite(args, methods, out, log) -> int:
+    from . import suite_eval, suites
+
+    suite = suites.get_suite(args.suite, args.split, tokenizer=_tokenizer_only(args))
+    res = suite_eval.aggregate(out, suite, methods, n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
+                               model_name=args.model or "smollm2-135m", dtype=args.dtype,
+                               batch_rows=args.batch_rows, baseline=args.baseline)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = suite_eval.render_markdown(res)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    log("\n" + md)
+    if not args.no_plots and suite_eval.write_plot(res, os.path.join(out, "passk.png")):
+        log(f"wrote {out}/passk.png")
+    return 0
+
+
+def _tokenizer_only(args):
+    from transformers import AutoTokenizer
+
+    from .. import models
+
+    path = models.resolve(args.model)
+    if path is None:
+        folder, name = models.default_model_file()
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _cmd_passk(args, log) -> int:
     from . import passk
     from .diversity import Method, esamp_method
 
+    if args.suite is not None:
+        return _cmd_suite(args, log)
+    if args.temperature is None:
+        args.temperature = [0.7]
+    if args.min_p is None:
+        args.min_p = [0.0]
+    if len(args.min_p) != 1:
+        raise ValueError("--min-p: a task-file evaluation takes one min-p value (grids need --suite)")
+    args.min_p = args.min_p[0]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 48
     base = _base_config(args)
     tasks = passk.load_tasks(args.tasks or passk.BUILTIN_TASKS)
     methods = []

@@ -30,8 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..config import ESampConfig
 
-__all__ = ["Method", "build_methods", "load_prompts", "BUILTIN_PROMPTS", "score_run", "run_method",
-           "run_diversity", "BaseLogprobTap", "DEFAULT_POSITIONS"]
+__all__ = ["Method", "build_methods", "make_esamp", "esamp_method", "load_prompts", "BUILTIN_PROMPTS", "score_run",
+           "run_method",
+           "run_diversity", "DEFAULT_POSITIONS"]
 
 BUILTIN_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
 DEFAULT_POSITIONS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -145,65 +146,10 @@ def _mean(v: Sequence[float]) -> float:
     return sum(v) / len(v) if v else float("nan")
 
 
-class BaseLogprobTap:
-    """Log-probabilities of the generated tokens under the base model (T = 1, no filter), taken in the generation
-    loop itself: a forward pre-hook on the LM head (registered before esamp.hf.generate's own hooks, so it sees the
-    unmixed LM-head input t) computes log_softmax(W t + b) of every row, and the next step's input ids (a forward
-    pre-hook on the model) pick the sampled token.  This costs one LM-head product per step, instead of a second
-    pass of the whole model over prompt + completion (esamp.metrics.perplexity gives the same numbers)."""
-
-    def __init__(self, model, n: int):
-        from .. import hf
-
-        head = hf.find_lm_head(model)
-        self.W, self.b, self.n = head.weight, getattr(head, "bias", None), n
-        self.steps: List[Any] = []
-        self._prev = None
-        self._handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True),
-                         head.register_forward_pre_hook(self._on_head)]
-
-    def _on_model(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if self._prev is not None and ids is not None and ids.shape[0] == self._prev.shape[0]:
-            self.steps.append(self._prev.gather(1, ids[:, -1:]).squeeze(1))
-            self._prev = None
-
-    def _on_head(self, module, args):
-        import torch
-
-        h = args[0][:, -1].float()
-        logits = h @ self.W.float().t()
-        if self.b is not None:
-            logits = logits + self.b.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if self._prev is None and not self.steps and self.n > 1:      # prefill: one row per prompt
-            logp = logp.repeat_interleave(self.n, 0)
-        self._prev = logp
-
-    def finish(self, token_ids: Sequence[Sequence[Sequence[int]]]) -> List[List[float]]:
-        """Per completion (prompt-major order): the base log-probability of every generated token."""
-        import torch
-
-        for hd in self._handles:
-            hd.remove()
-        rows = [ids for group in token_ids for ids in group]
-        if self._prev is not None:                     # the last step's tokens never came back as input ids
-            k = len(self.steps)
-            last = torch.tensor([ids[k] if len(ids) > k else 0 for ids in rows], device=self._prev.device)
-            self.steps.append(self._prev.gather(1, last[:, None]).squeeze(1))
-            self._prev = None
-        table = torch.stack(self.steps, 1).cpu() if self.steps else torch.zeros(len(rows), 0)
-        return [table[r, : len(ids)].tolist() for r, ids in enumerate(rows)]
-
-    def close(self):
-        for hd in self._handles:
-            hd.remove()
-
-
 def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
               base_logprobs: Optional[Sequence[Sequence[float]]] = None) -> Dict[str, Any]:
     """Metrics of one generation run (an esamp.hf.GenerationOutput): per prompt and aggregated.  PPL comes from
-    `base_logprobs` (BaseLogprobTap) when given, else from a scoring pass (esamp.metrics.perplexity)."""
+    `base_logprobs` (esamp.hf.generate(base_logprobs=True)) when given, else from a scoring pass (esamp.metrics.perplexity)."""
     from .. import metrics
 
     per_prompt: Dict[str, List[float]] = {"similarity": [], "vendi": [], "distinct_1": [], "distinct_2": [],
@@ -253,28 +199,34 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
     return {"metrics": agg, "per_prompt": per_prompt}
 
 
+def make_esamp(model, tokenizer, method: Method, *, seed: int, slots: int):
+    """The `esamp=` argument of esamp.hf.generate for `method` (None for a baseline): its ESampConfig with
+    init_seed = seed, or an exempting sampler (esamp.eval.exempt) when the method asks for one."""
+    from .exempt import make_exempt_sampler
+
+    if method.esamp is None:
+        return None
+    cfg = method.esamp.replace(init_seed=seed)
+    return cfg if method.exempt is None else make_exempt_sampler(model, cfg, tokenizer, mode=method.exempt,
+                                                                 slots=slots)
+
+
 def run_method(model, tokenizer, prompts: Sequence[str], method: Method, *, n: int, max_new_tokens: int, seed: int,
                chat: bool = True, progress: bool = False, base_logprobs: bool = False):
     """One generation run of `method` (an esamp.hf.GenerationOutput).  With ``base_logprobs=True`` returns
-    (output, per-completion base-model log-probabilities of the generated tokens) instead."""
+    (output, per-completion base-model log-probabilities of the generated tokens) instead: they are computed in
+    the generation loop itself (esamp.hf.generate(base_logprobs=True): the log-softmax of the UNMIXED LM-head
+    input, one extra LM-head product per step on the latent-mixing path), identical to a separate scoring pass."""
     from .. import hf
-    from .exempt import make_exempt_sampler
 
-    es: Any = None
-    if method.esamp is not None:
-        cfg = method.esamp.replace(init_seed=seed)
-        es = cfg if method.exempt is None else make_exempt_sampler(model, cfg, tokenizer, mode=method.exempt,
-                                                                   slots=len(prompts))
-    tap = BaseLogprobTap(model, n) if base_logprobs else None
-    try:
-        out = hf.generate(model, tokenizer, list(prompts), n=n, max_new_tokens=max_new_tokens,
-                          temperature=method.temperature, top_k=method.top_k, top_p=method.top_p,
-                          min_p=method.min_p, seed=seed, esamp=es, chat=chat, progress=progress,
-                          desc=method.name[:40])
-    finally:
-        if tap is not None:
-            tap.close()
-    return (out, tap.finish(out.token_ids)) if tap is not None else out
+    es = make_esamp(model, tokenizer, method, seed=seed, slots=len(prompts))
+    out = hf.generate(model, tokenizer, list(prompts), n=n, max_new_tokens=max_new_tokens,
+                      temperature=method.temperature, top_k=method.top_k, top_p=method.top_p,
+                      min_p=method.min_p, seed=seed, esamp=es, chat=chat, progress=progress,
+                      desc=method.name[:40], base_logprobs=base_logprobs)
+    if base_logprobs:
+        return out, [lp for g in out.base_logprobs for lp in g]
+    return out
 
 
 def _run_key(method: Method, settings: Dict[str, Any], seed: int) -> str:
