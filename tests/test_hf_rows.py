@@ -192,3 +192,19 @@ def test_base_logprobs_equal_a_scoring_pass(kw):
         assert any(abs(a - b) > 1e-3 for g1, g2 in zip(out.logprobs, out.base_logprobs)
                    for l1, l2 in zip(g1, g2) for a, b in zip(l1, l2))
     assert all(math.isfinite(v) and v <= 0 for lp in got for v in lp)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_preallocated_kv_cache_gives_the_same_results_as_dynamic_cache(family, monkeypatch):
+    from transformers import DynamicCache
+
+    model = make_model(family, seed=8)
+    tok = make_tokenizer()
+    kw = dict(n=3, max_new_tokens=12, esamp=ESampConfig(rank=8, warmup_steps=2), seed=9, chat=False, progress=False)
+    a = hf.generate(model, tok, PROMPTS, **kw)
+    monkeypatch.setattr(hf, "_growing_cache", lambda model, capacity: DynamicCache(config=model.config))
+    b = hf.generate(model, tok, PROMPTS, **kw)
+    assert a.token_ids == b.token_ids
+    for ga, gb in zip(a.logprobs, b.logprobs):
+        for la, lb in zip(ga, gb):
+            assert la == pytest.approx(lb, abs=1e-5)
