@@ -208,3 +208,22 @@ def test_preallocated_kv_cache_gives_the_same_results_as_dynamic_cache(family, m
     for ga, gb in zip(a.logprobs, b.logprobs):
         for la, lb in zip(ga, gb):
             assert la == pytest.approx(lb, abs=1e-5)
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_bfloat16_model_end_to_end(min_p):
+    """A bf16 model through generate: ESamp trains (fp32 master weights), beta = 0 equals vanilla token for token,
+    base log-probabilities are finite."""
+    model = make_model("qwen2", seed=10).to(torch.bfloat16)
+    tok = make_tokenizer()
+    kw = dict(n=3, max_new_tokens=8, seed=11, chat=False, progress=False, min_p=min_p, base_logprobs=True)
+    es = hf.make_sampler(model, ESampConfig(rank=8, warmup_steps=2))
+    out = hf.generate(model, tok, PROMPTS, esamp=es, **kw)
+    assert out.stats["trainer"]["rows_trained"] > 0 and out.stats["trainer"]["rows_skipped"] == 0
+    sd = es.distiller.slot_state_dict(0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())
+    assert all(math.isfinite(v) for g in out.base_logprobs for lp in g for v in lp)
+    van = hf.generate(model, tok, PROMPTS, esamp=None, **kw)
+    zero = hf.generate(model, tok, PROMPTS, esamp=ESampConfig(beta=0.0, rank=8, warmup_steps=2), **kw)
+    assert zero.token_ids == van.token_ids
+    assert out.token_ids != van.token_ids

@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="{diversity,passk}")
     d = sub.add_parser("diversity", help="diversity / quality frontier: baselines' T sweeps vs ESamp points")
     _common(d, n=16, max_new_tokens=64, seeds="0,1")
-    d.add_argument("--prompts", default=None, help="JSON-lines prompt file (default: the shipped prompt set)")
+    d.add_argument("--prompts", default=None,
+                   help="JSON-lines prompt file, or 'mtbench' for the 20 MT-bench writing + roleplay questions "
+                        "(assets: bash tools/install_eval_assets.sh); default: the shipped prompt set")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the model is de-quantised to (bfloat16 only pays off on CPUs with AVX-512 BF16/AMX)")
     d.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     d.add_argument("--baselines", type=_names, default=["vanilla", "min_p"],
                    help="baseline families: vanilla (temperature sweep), min_p (temperature sweep with --min-p)")
@@ -149,7 +153,7 @@ def _load(args, log):
 
     t0 = time.perf_counter()
     log("loading the model" + (f" {args.model}" if args.model else " SmolLM2-135M-Instruct (embedded)") + " ...")
-    model, tok = models.load(args.model)
+    model, tok = models.load(args.model, dtype=getattr(args, "dtype", "float32"), cache=True)
     log(f"  loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s")
     return model, tok
 
@@ -158,7 +162,12 @@ def _cmd_diversity(args, log) -> int:
     from . import diversity, frontier
 
     base = _base_config(args)
-    prompts = diversity.load_prompts(args.prompts or diversity.BUILTIN_PROMPTS, args.max_prompts)
+    if args.prompts == "mtbench":
+        from . import assets
+
+        prompts = assets.mtbench_prompts()[: args.max_prompts] if args.max_prompts else assets.mtbench_prompts()
+    else:
+        prompts = diversity.load_prompts(args.prompts or diversity.BUILTIN_PROMPTS, args.max_prompts)
     methods = diversity.build_methods(
         temperatures=args.temperatures, baselines=args.baselines, min_p=args.min_p,
         min_p_temperatures=args.min_p_temperatures, betas=args.beta or [0.1, 0.25, 0.5], lrs=args.lr or [base.lr],

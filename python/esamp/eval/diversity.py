@@ -147,13 +147,16 @@ def _mean(v: Sequence[float]) -> float:
 
 
 def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
-              base_logprobs: Optional[Sequence[Sequence[float]]] = None) -> Dict[str, Any]:
+              base_logprobs: Optional[Sequence[Sequence[float]]] = None, tokenizer=None) -> Dict[str, Any]:
     """Metrics of one generation run (an esamp.hf.GenerationOutput): per prompt and aggregated.  PPL comes from
     `base_logprobs` (esamp.hf.generate(base_logprobs=True)) when given, else from a scoring pass (esamp.metrics.perplexity)."""
     from .. import metrics
 
     per_prompt: Dict[str, List[float]] = {"similarity": [], "vendi": [], "distinct_1": [], "distinct_2": [],
-                                          "nll": [], "tokens": [], "eos": [], "samples": []}
+                                          "nll": [], "tokens": [], "eos": [], "samples": [], "loops": [],
+                                          "tail": [], "within_distinct_2": []}
+    ws_ids = metrics.whitespace_token_ids(tokenizer, [t for g in out.token_ids for ids in g for t in ids]) \
+        if tokenizer is not None else []
     if base_logprobs is None:
         prompts, comps = [], []
         for p, group in enumerate(out.token_ids):
@@ -178,6 +181,12 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
         per_prompt["tokens"].append(sum(tok_rows[r:r + k]))
         per_prompt["eos"].append(sum(1 for ids in out.token_ids[p] if ids and ids[-1] in eos))
         per_prompt["samples"].append(k)
+        per_prompt["loops"].append(sum(1 for ids, tx in zip(out.token_ids[p], texts)
+                                       if metrics.has_loop(ids, tx, ignore_ids=ws_ids)))
+        if base_logprobs is not None:
+            lim = math.log(metrics.TAIL_PROB)
+            per_prompt["tail"].append(sum(1 for lp in base_logprobs[r:r + k] for v in lp if v < lim))
+        per_prompt["within_distinct_2"].append(metrics.within_distinct_n(texts, 2))
         r += k
     rows = sum(per_prompt["samples"])
     tok = sum(per_prompt["tokens"])
@@ -189,6 +198,9 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
         "ppl": math.exp(sum(per_prompt["nll"]) / tok) if tok else float("nan"),
         "mean_tokens": tok / rows if rows else float("nan"),
         "eos_rate": sum(per_prompt["eos"]) / rows if rows else float("nan"),
+        "loop_rate": sum(per_prompt["loops"]) / rows if rows else float("nan"),
+        "tail_rate": (sum(per_prompt["tail"]) / tok if tok and base_logprobs is not None else float("nan")),
+        "within_distinct_2": _mean(per_prompt["within_distinct_2"]),
         "tokens_per_s": out.stats.get("tokens_per_s", float("nan")),
         "gen_s": out.stats.get("prefill_s", 0.0) + out.stats.get("decode_s", 0.0),
     }
@@ -230,7 +242,7 @@ def run_method(model, tokenizer, prompts: Sequence[str], method: Method, *, n: i
 
 
 def _run_key(method: Method, settings: Dict[str, Any], seed: int) -> str:
-    blob = json.dumps({"method": method.to_dict(), "settings": settings, "seed": seed}, sort_keys=True)
+    blob = json.dumps({"method": method.to_dict(), "settings": settings, "seed": seed, "v": 2}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -288,7 +300,8 @@ def run_diversity(model, tokenizer, prompts: Sequence[Dict[str, str]], methods: 
                 if m.esamp is not None and out.stats["trainer"]["rows_trained"] == 0:
                     raise RuntimeError(f"{m.name} seed {seed}: the distiller trained zero rows (failed run)")
                 rec = {"method": m.to_dict(), "seed": seed, "settings": settings}
-                rec.update(score_run(out, model, embedder, pad_id=pad_id, eos_ids=eos_ids, base_logprobs=blp))
+                rec.update(score_run(out, model, embedder, pad_id=pad_id, eos_ids=eos_ids, base_logprobs=blp,
+                                     tokenizer=tokenizer))
                 rec["texts"] = out.texts
                 if seed == position_seed:
                     rec["positions"] = {"k": list(positions), "similarity": metrics.similarity_by_position(

@@ -63,8 +63,18 @@ def _margins(point: Dict[str, float], fam_points: Dict[str, List[Dict[str, float
         y = interp([(q["vendi"], math.log(q["ppl"])) for q in pts], point["vendi"])
         if y is not None and (best_lp is None or y < best_lp):
             best_lp = y
+    # degeneration at equal diversity: the lowest loop / tail-token rate any baseline family has at Vendi_e
+    deg = {}
+    for key in ("loop_rate", "tail_rate"):
+        best = None
+        if point.get(key) is not None and point.get(key) == point.get(key):
+            for fam, pts in fam_points.items():
+                y = interp([(q["vendi"], q[key]) for q in pts if q.get(key) is not None], point["vendi"])
+                if y is not None and (best is None or y < best):
+                    best = y
+        deg[key.replace("_rate", "_excess")] = None if best is None else point[key] - best
     return {"vendi_margin": None if best_v is None else point["vendi"] - best_v,
-            "frontier_vendi": best_v, "frontier_family": best_fam,
+            "frontier_vendi": best_v, "frontier_family": best_fam, **deg,
             "sim_margin": None if best_s is None else point["similarity"] - best_s,
             "ppl_ratio": None if best_lp is None else point["ppl"] / math.exp(best_lp)}
 
@@ -114,8 +124,12 @@ def analyse(results: Dict[str, Any], *, bootstrap: int = 1000, boot_seed: int = 
                   for f, ms in fams.items()}
             per_seed.append(_margins(runs[m["name"]][s]["metrics"], fp))
         rec: Dict[str, Any] = {}
-        for key in ("vendi_margin", "sim_margin", "ppl_ratio"):
-            rec[key] = _stats([None if p is None else p[key] for p in per_seed])
+        for key in ("vendi_margin", "sim_margin", "ppl_ratio", "loop_excess", "tail_excess"):
+            rec[key] = _stats([None if p is None else p.get(key) for p in per_seed])
+        # a Vendi win counts only if the point does not degenerate more than the baselines at the same Vendi
+        vm, le, te = rec["vendi_margin"]["mean"], rec["loop_excess"]["mean"], rec["tail_excess"]["mean"]
+        rec["win"] = (None if vm is None else
+                      bool(vm > 0 and (le is None or le <= 0) and (te is None or te <= 0)))
         rec["frontier_family"] = [None if p is None else p["frontier_family"] for p in per_seed]
         # bootstrap over prompts (margins averaged over the seeds where defined)
         if boot_idx is not None and fams:
@@ -211,9 +225,9 @@ def render_markdown(results: Dict[str, Any]) -> str:
     seeds = st["seeds"]
     lines = [f"{len(st['prompts'])} prompts x n = {st['n']} samples, {st['max_new_tokens']} new tokens, seeds "
              f"{', '.join(str(s) for s in seeds)} (mean ± sample std over seeds), model {st['model']}.", ""]
-    lines += ["| method | T | min-p | similarity ↓ | Vendi ↑ | distinct-1 ↑ | distinct-2 ↑ | PPL ↓ | tokens "
-              "| EOS rate | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | T | min-p | similarity ↓ | Vendi ↑ | distinct-1 ↑ | distinct-2 ↑ | PPL ↓ | loop rate ↓ "
+              "| tail rate ↓ | within distinct-2 ↑ | tokens | EOS rate | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["methods"]:
         r = runs.get(m["name"], {})
         if not r:
@@ -221,16 +235,18 @@ def render_markdown(results: Dict[str, Any]) -> str:
         lines.append(
             f"| {_label(m)} | {m['temperature']:g} | {m['min_p']:g} | {_pm(_agg(r, 'similarity'), 4)} | "
             f"{_pm(_agg(r, 'vendi'), 2)} | {_pm(_agg(r, 'distinct_1'), 3)} | {_pm(_agg(r, 'distinct_2'), 3)} | "
-            f"{_pm(_agg(r, 'ppl'), 1)} | {_pm(_agg(r, 'mean_tokens'), 1)} | {_pm(_agg(r, 'eos_rate'), 2)} | "
-            f"{_f(_agg(r, 'tokens_per_s')[0], 0)} |")
+            f"{_pm(_agg(r, 'ppl'), 1)} | {_pm(_agg(r, 'loop_rate'), 3)} | {_pm(_agg(r, 'tail_rate'), 4)} | "
+            f"{_pm(_agg(r, 'within_distinct_2'), 3)} | {_pm(_agg(r, 'mean_tokens'), 1)} | "
+            f"{_pm(_agg(r, 'eos_rate'), 2)} | {_f(_agg(r, 'tokens_per_s')[0], 0)} |")
     pts = fr.get("points", {})
     if pts:
         lines += ["", "ESamp against the baseline frontier (same seed; margins > 0 / similarity margins < 0 / PPL "
-                  "ratios < 1 favour ESamp; n/a: PPL outside the baselines' range):", "",
+                  "ratios < 1 favour ESamp; n/a: PPL outside the baselines' range; excess > 0: ESamp degenerates more "
+                  "than the baselines at the same Vendi, and then a Vendi margin is not a win):", "",
                   "| ESamp point | Vendi margin at equal PPL (mean ± std) | per seed | bootstrap 5–95 % | "
-                  "similarity margin | PPL ratio at equal Vendi | tokens: baseline → ESamp | EOS rate: baseline → "
-                  "ESamp |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "similarity margin | PPL ratio at equal Vendi | loop-rate excess at equal Vendi | tail-rate excess "
+                  "at equal Vendi | win? | tokens: baseline → ESamp | EOS rate: baseline → ESamp |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in results["methods"]:
             p = pts.get(m["name"])
             if p is None:
@@ -246,7 +262,10 @@ def render_markdown(results: Dict[str, Any]) -> str:
                    if p.get("matched_baseline") else "n/a")
             lines.append(f"| {_label(m)} | {_pm((vm['mean'], vm['std']), 2, True)} | {per} | {boot} | "
                          f"{_pm((p['sim_margin']['mean'], p['sim_margin']['std']), 4, True)} | "
-                         f"{_pm((p['ppl_ratio']['mean'], p['ppl_ratio']['std']), 2)} | {tok} | {eos} |")
+                         f"{_pm((p['ppl_ratio']['mean'], p['ppl_ratio']['std']), 2)} | "
+                         f"{_pm((p['loop_excess']['mean'], p['loop_excess']['std']), 3, True)} | "
+                         f"{_pm((p['tail_excess']['mean'], p['tail_excess']['std']), 4, True)} | "
+                         f"{'n/a' if p.get('win') is None else ('yes' if p['win'] else 'no')} | {tok} | {eos} |")
     return "\n".join(lines) + "\n"
 
 
