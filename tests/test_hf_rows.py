@@ -227,3 +227,33 @@ def test_bfloat16_model_end_to_end(min_p):
     zero = hf.generate(model, tok, PROMPTS, esamp=ESampConfig(beta=0.0, rank=8, warmup_steps=2), **kw)
     assert zero.token_ids == van.token_ids
     assert out.token_ids != van.token_ids
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_experimental_gates(min_p):
+    """explore_tokens / gate_rel_err: a gate that closes everywhere gives vanilla's tokens; one that never closes
+    gives plain ESamp's; the explore window mixes exactly the first tokens."""
+    model = make_model("llama", seed=12)
+    tok = make_tokenizer()
+    kw = dict(n=3, max_new_tokens=8, seed=13, chat=False, progress=False, min_p=min_p, ignore_eos=True)
+    cfg = ESampConfig(beta=1.0, rank=8, warmup_steps=2)
+    van = hf.generate(model, tok, PROMPTS, esamp=None, **kw)
+    plain = hf.generate(model, tok, PROMPTS, esamp=cfg, **kw)
+    assert plain.token_ids != van.token_ids
+    closed = hf.generate(model, tok, PROMPTS, esamp=cfg.replace(gate_rel_err=1e-12), **kw)
+    assert closed.token_ids == van.token_ids
+    # the prefill step decides once per prompt (its n rows share the LM-head input), then per row
+    assert closed.stats["trainer"]["gated_rows"] == 3 + 9 * 7 and closed.stats["trainer"]["rows_trained"] > 0
+    opened = hf.generate(model, tok, PROMPTS, esamp=cfg.replace(gate_rel_err=1e12), **kw)
+    assert opened.token_ids == plain.token_ids and opened.stats["trainer"]["gated_rows"] == 0
+    assert hf.generate(model, tok, PROMPTS, esamp=cfg.replace(explore_tokens=100), **kw).token_ids == plain.token_ids
+    win = hf.generate(model, tok, PROMPTS, esamp=cfg.replace(explore_tokens=3), **kw)
+    assert win.stats["trainer"]["gated_rows"] == 9 * 5
+    for g_w, g_p in zip(win.token_ids, plain.token_ids):
+        for a, b in zip(g_w, g_p):
+            assert a[:3] == b[:3]
+    assert win.token_ids != plain.token_ids
+    with pytest.raises(ValueError, match="explore_tokens"):
+        ESampConfig(explore_tokens=-1)
+    with pytest.raises(ValueError, match="gate_rel_err"):
+        ESampConfig(gate_rel_err=0)

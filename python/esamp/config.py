@@ -48,6 +48,12 @@ class ESampConfig:
                    CPU, a high-priority stream on CUDA) instead of synchronously after each step.  Predictions still
                    see every earlier update, so both settings give the same tokens.
     init_seed      seed of the distiller initialisation (the sampling seed is given per call).
+    explore_tokens (experimental) > 0: ESamp mixes only while a row has generated fewer than this many tokens;
+                   later tokens are sampled from the unmixed distribution (the distiller keeps training).
+                   0 (default) = every token, as in the paper.
+    gate_rel_err   (experimental) a row is mixed only when its distiller is locally informative: its relative
+                   error ||t - t_hat||^2 / ||t||^2 at this step is <= gate_rel_err (rows above it, where the
+                   prediction is no better than noise, are sampled unmixed).  None (default) = no gate.
     """
 
     beta: float = 0.25
@@ -63,6 +69,8 @@ class ESampConfig:
     dtype: Optional[Union[torch.dtype, str]] = None
     async_trainer: bool = False
     init_seed: int = 0
+    explore_tokens: int = 0
+    gate_rel_err: Optional[float] = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -99,6 +107,11 @@ class ESampConfig:
             bad("async_trainer", "a bool")
         if not _is_int(self.init_seed):
             bad("init_seed", "an int")
+        if not _is_int(self.explore_tokens) or self.explore_tokens < 0:
+            bad("explore_tokens", "an int >= 0 (0 = mix every token)")
+        if self.gate_rel_err is not None and (not _is_num(self.gate_rel_err) or not (self.gate_rel_err > 0)
+                                              or not math.isfinite(self.gate_rel_err)):
+            bad("gate_rel_err", "None or a finite number > 0")
 
     @property
     def effective_rank(self) -> int:
@@ -112,4 +125,10 @@ class ESampConfig:
         d = dataclasses.asdict(self)
         d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
         d["rank"] = self.effective_rank
+        # the experimental options appear only when set, so that records (and the evaluation's cache keys) of
+        # configurations without them stay as they were
+        if d["explore_tokens"] == 0:
+            del d["explore_tokens"]
+        if d["gate_rel_err"] is None:
+            del d["gate_rel_err"]
         return d

@@ -240,6 +240,8 @@ class _Runner:
         self.slots: Optional[torch.Tensor] = None      # slot id of every row of the current forward
         self.warm: Optional[Dict[str, torch.Tensor]] = None   # prefill only: valid-position mask and slots
         self.x = self.t = self.t_hat = None
+        self.betas: Optional[torch.Tensor] = None
+        self.position = 0          # tokens generated so far by every row of the current forward
         self.warmup_s = 0.0
 
     def _on_lm_head(self, module, args):
@@ -257,9 +259,14 @@ class _Runner:
         t = hidden[:, -1]
         t_hat = self.es.predict(x, self.slots)
         self.x, self.t, self.t_hat = x, t.clone(), t_hat
+        c = self.es.config
+        self.betas = None
+        if c.explore_tokens > 0 or c.gate_rel_err is not None:
+            self.betas = self.es.row_betas(self.temperature, t.shape[0], t.device, t=t, t_hat=t_hat,
+                                           position=self.position)
         if not self.latent:
             return None
-        mixed = self.es.mix(t, t_hat, self.temperature)
+        mixed = self.es.mix(t, t_hat, self.temperature, beta=self.betas)
         if hidden.shape[1] == 1:
             return (mixed.unsqueeze(1),)
         new = hidden.clone()
@@ -534,6 +541,8 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
         tokens = None
         for k in range(max_new_tokens):
             t0 = time.perf_counter()
+            if runner is not None:
+                runner.position = k
             if k == 0:
                 if runner is not None:
                     runner.slots = prompt_slots
@@ -566,8 +575,11 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
                         idx = active.nonzero().squeeze(1)
                         train_x, train_t, train_slots = runner.x[idx], runner.t[idx], runner.slots[idx]
             if es is not None:
+                betas = runner.betas
+                if betas is not None and k == 0 and n > 1:
+                    betas = betas.repeat_interleave(n, 0)
                 tok, lp = es.sample(logits, t_hat, W, latent_mixed=latent, lm_head_bias=bias, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, min_p=min_p, seeds=row_seed, step=k)
+                                    top_k=top_k, top_p=top_p, min_p=min_p, seeds=row_seed, step=k, beta=betas)
                 es.update(train_x, train_t, train_slots)
             else:
                 tok, lp = sample_tokens(logits, W, lm_head_bias=bias, beta=0.0, temperature=temperature, top_k=top_k,

@@ -126,7 +126,7 @@ class ESamp:
         self._new_bank(S)
         self._owner: Dict[Hashable, int] = {}
         self._counts = {"requests": 0, "warmup_rows": 0, "warmup_steps": 0, "decode_rows": 0, "decode_steps": 0,
-                        "predicted_rows": 0}
+                        "predicted_rows": 0, "gated_rows": 0}
 
     # ------------------------------------------------------------------ bank and slots
     def _new_bank(self, S: int) -> None:
@@ -251,29 +251,53 @@ class ESamp:
         """Whether this step can use latent mixing (SPEC 3: no filter active) instead of the fused reweight."""
         return not filters_active(top_k=top_k, top_p=top_p, min_p=min_p, vocab_size=vocab_size)
 
-    def row_betas(self, temperature: RowArg, B: int, device) -> torch.Tensor:
-        """beta per row: config.beta, and 0 on greedy rows (T == 0), which ESamp leaves unchanged."""
-        T = _as_rows(temperature, B, torch.float32, device)
-        return torch.where(T > 0, torch.full_like(T, self.config.beta), torch.zeros_like(T))
+    def row_betas(self, temperature: RowArg, B: int, device, *, t: Optional[torch.Tensor] = None,
+                  t_hat: Optional[torch.Tensor] = None, position: Optional[Union[int, torch.Tensor]] = None
+                  ) -> torch.Tensor:
+        """beta per row: config.beta, and 0 on greedy rows (T == 0), which ESamp leaves unchanged.
 
-    def mix(self, hidden: torch.Tensor, t_hat: torch.Tensor, temperature: RowArg = 1.0) -> torch.Tensor:
-        """LM-head input for latent mixing: (1 + beta) hidden - beta t_hat per row (beta = 0 on greedy rows)."""
+        The experimental gates of ESampConfig apply when their inputs are given: ``explore_tokens`` needs
+        `position` (tokens the row has generated so far: an int for every row or a tensor [B]); ``gate_rel_err``
+        needs `t` (the LM-head input) and `t_hat` (the distiller's prediction) of the rows."""
+        T = _as_rows(temperature, B, torch.float32, device)
+        beta = torch.where(T > 0, torch.full_like(T, self.config.beta), torch.zeros_like(T))
+        c = self.config
+        if c.explore_tokens > 0 and position is not None:
+            pos = _as_rows(position, B, torch.float32, device)
+            keep = pos < c.explore_tokens
+            self._counts["gated_rows"] += int((~keep & (beta > 0)).sum())
+            beta = torch.where(keep, beta, torch.zeros_like(beta))
+        if c.gate_rel_err is not None and t is not None and t_hat is not None:
+            tf, hf_ = t.float(), t_hat.float()
+            rel = ((tf - hf_) ** 2).sum(-1) / (tf ** 2).sum(-1).clamp(min=1e-30)
+            keep = rel <= c.gate_rel_err
+            self._counts["gated_rows"] += int((~keep & (beta > 0)).sum())
+            beta = torch.where(keep, beta, torch.zeros_like(beta))
+        return beta
+
+    def mix(self, hidden: torch.Tensor, t_hat: torch.Tensor, temperature: RowArg = 1.0,
+            beta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LM-head input for latent mixing: (1 + beta) hidden - beta t_hat per row (beta = 0 on greedy rows;
+        `beta`: per-row values from row_betas, e.g. with the experimental gates)."""
         if t_hat.dtype != hidden.dtype:
             t_hat = t_hat.to(hidden.dtype)
-        return ops.mix_hidden(hidden.contiguous(), t_hat.contiguous(),
-                              self.row_betas(temperature, hidden.shape[0], hidden.device))
+        if beta is None:
+            beta = self.row_betas(temperature, hidden.shape[0], hidden.device)
+        return ops.mix_hidden(hidden.contiguous(), t_hat.contiguous(), beta)
 
     def sample(self, logits: torch.Tensor, t_hat: torch.Tensor, lm_head_weight: torch.Tensor, *,
                latent_mixed: bool, lm_head_bias: Optional[torch.Tensor] = None, temperature: RowArg = 1.0,
                top_k: RowArg = 0, top_p: RowArg = 1.0, min_p: RowArg = 0.0, seeds: torch.Tensor,
-               step: Union[int, torch.Tensor] = 0):
+               step: Union[int, torch.Tensor] = 0, beta: Optional[torch.Tensor] = None):
         """Sample one token per row.  `latent_mixed`: the logits already come from the mixed LM-head input
-        (then beta = 0 here, no dot products); otherwise the fused reweight mixes on the candidate set."""
+        (then beta = 0 here, no dot products); otherwise the fused reweight mixes on the candidate set (with
+        `beta`, per-row values from row_betas, when given)."""
         if latent_mixed:
             return sample_tokens(logits, lm_head_weight, lm_head_bias=lm_head_bias, beta=0.0,
                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
                                  step=step)
-        beta = self.row_betas(temperature, logits.shape[0], logits.device)
+        if beta is None:
+            beta = self.row_betas(temperature, logits.shape[0], logits.device)
         pred = t_hat if t_hat.dtype == lm_head_weight.dtype else t_hat.to(lm_head_weight.dtype)
         return sample_tokens(logits, lm_head_weight, pred_hidden=pred.contiguous(), lm_head_bias=lm_head_bias,
                              beta=beta, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,

@@ -53,9 +53,9 @@ def _point(s: str) -> dict:
     for part in _names(s):
         if "=" not in part:
             raise argparse.ArgumentTypeError(f"expected key=value pairs (beta, lr, warmup, exempt, temperature, "
-                                             f"min_p, rank, layers, mode), got {part!r}")
+                                             f"min_p, rank, layers, mode, explore, gate), got {part!r}")
         k, v = (x.strip() for x in part.split("=", 1))
-        if k in ("warmup", "rank", "layers"):
+        if k in ("warmup", "rank", "layers", "explore"):
             d[k] = int(v)
         elif k in ("exempt", "mode"):
             d[k] = None if v == "none" else v
@@ -221,7 +221,8 @@ def _suite_methods(args, base):
                                 methods.append(esamp_method(base.replace(beta=beta, lr=lr, warmup_steps=wu),
                                                             temperature=T, min_p=mp, exempt=ex))
     for e in args.point:
-        unknown = set(e) - {"beta", "lr", "warmup", "exempt", "temperature", "min_p", "rank", "layers", "mode"}
+        unknown = set(e) - {"beta", "lr", "warmup", "exempt", "temperature", "min_p", "rank", "layers", "mode",
+                            "explore", "gate"}
         if unknown:
             raise ValueError(f"--point: unknown keys {sorted(unknown)}")
         kw = {"beta": e.get("beta", base.beta), "lr": e.get("lr", base.lr),
@@ -229,6 +230,10 @@ def _suite_methods(args, base):
         for k in ("rank", "layers", "mode"):
             if k in e:
                 kw[k] = e[k]
+        if "explore" in e:
+            kw["explore_tokens"] = int(e["explore"])
+        if "gate" in e:
+            kw["gate_rel_err"] = float(e["gate"])
         methods.append(esamp_method(base.replace(**kw), temperature=float(e.get("temperature", Ts[0])),
                                     min_p=float(e.get("min_p", mps[0])), exempt=e.get("exempt") or None))
     names = [m.name for m in methods]

@@ -66,6 +66,9 @@ def _g(v: float) -> str:
 def esamp_method(config: ESampConfig, *, temperature: float = 1.0, min_p: float = 0.0,
                  exempt: Optional[str] = None) -> Method:
     name = (f"esamp b={_g(config.beta)} lr={_g(config.lr)} wu={config.warmup_steps}"
+            + (f" rank={config.effective_rank}" if config.rank is not None else "")
+            + (f" explore={config.explore_tokens}" if config.explore_tokens else "")
+            + (f" gate={_g(config.gate_rel_err)}" if config.gate_rel_err is not None else "")
             + (f" T={_g(temperature)}" if temperature != 1.0 else "")
             + (f" min_p={_g(min_p)}" if min_p > 0 else "") + (f" exempt={exempt}" if exempt else ""))
     return Method(name, "esamp", temperature=temperature, min_p=min_p, esamp=config, exempt=exempt)
