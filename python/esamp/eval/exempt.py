@@ -89,18 +89,18 @@ class ExemptESamp(ESamp):
             self.exempt[torch.tensor(ids, device=self.device)] = True
         self._hidden: Optional[torch.Tensor] = None
 
-    def mix(self, hidden: torch.Tensor, t_hat: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    def mix(self, hidden: torch.Tensor, t_hat: torch.Tensor, temperature=1.0, beta=None) -> torch.Tensor:
         self._hidden = hidden.detach().clone()
-        return super().mix(hidden, t_hat, temperature)
+        return super().mix(hidden, t_hat, temperature, beta=beta)
 
     def sample(self, logits: torch.Tensor, t_hat: torch.Tensor, lm_head_weight: torch.Tensor, *,
                latent_mixed: bool, lm_head_bias: Optional[torch.Tensor] = None, temperature=1.0, top_k=0,
-               top_p=1.0, min_p=0.0, seeds: torch.Tensor, step=0):
+               top_p=1.0, min_p=0.0, seeds: torch.Tensor, step=0, beta=None):
         if not isinstance(temperature, (int, float)) or temperature <= 0:
             # greedy rows are not changed by ESamp; per-row temperatures are not needed by the evaluation
             return super().sample(logits, t_hat, lm_head_weight, latent_mixed=latent_mixed,
                                   lm_head_bias=lm_head_bias, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  min_p=min_p, seeds=seeds, step=step)
+                                  min_p=min_p, seeds=seeds, step=step, beta=beta)
         B, V = logits.shape
         if V != self.exempt.shape[0]:
             raise ValueError(f"logits: expected V = {self.exempt.shape[0]} columns, got {V}")
@@ -121,7 +121,8 @@ class ExemptESamp(ESamp):
             z = ref / T
         else:
             pred = t_hat if t_hat.dtype == W.dtype else t_hat.to(W.dtype)
-            beta = self.row_betas(temperature, B, logits.device)
+            if beta is None:
+                beta = self.row_betas(temperature, B, logits.device)
             filt = dict(temperature=T, top_k=top_k, top_p=top_p, min_p=min_p)
             m = ops.reweight_logits(logits, pred.contiguous(), W, lm_head_bias=lm_head_bias, beta=beta, **filt)
             z = ops.reweight_logits(logits, _zeros_pred(B, W.shape[1], W.dtype, logits.device), W,
