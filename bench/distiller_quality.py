@@ -31,7 +31,7 @@ import torch
 
 
 def parse_config(s: str) -> dict:
-    out = {"lr": 4e-4, "warmup": 30, "rank": 64, "layers": 2}
+    out = {"lr": 4e-4, "warmup": 30, "rank": 64, "layers": 2, "source": 0}
     for part in s.split(","):
         k, v = part.split("=")
         out[k.strip()] = float(v) if k.strip() == "lr" else int(v)
@@ -39,14 +39,14 @@ def parse_config(s: str) -> dict:
 
 
 @torch.no_grad()
-def trajectories(model, prompt_ids, samples):
-    """(x [L, H], t [L, H]) per sample sequence prompt + sample, from output_hidden_states (layer 0 output, final
-    norm output)."""
+def trajectories(model, prompt_ids, samples, sources=(0,)):
+    """({source layer: x [L, H]}, t [L, H]) per sample sequence prompt + sample, from output_hidden_states
+    (x: output of decoder layer `source`; t: the final norm's output, the LM-head input)."""
     out = []
     for ids in samples:
         seq = torch.tensor([list(prompt_ids) + list(ids)])
         hs = model(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states
-        out.append((hs[1][0].float(), hs[-1][0].float()))
+        out.append(({s: hs[s + 1][0].float() for s in sources}, hs[-1][0].float()))
     return out
 
 
@@ -59,6 +59,8 @@ def replay(model, prompt_len, traj, cfg, *, windows, min_p=0.1, seed=0):
     d = esamp.Distiller(H, rank=cfg["rank"], layers=cfg["layers"], slots=1, lr=cfg["lr"], seed=seed,
                         gamma_init=hf.find_final_norm(model))
     slot = torch.zeros(prompt_len, dtype=torch.long)
+    src = cfg.get("source", 0)
+    traj = [(xs[src], t) for xs, t in traj]
     xp, tp = traj[0][0][:prompt_len], traj[0][1][:prompt_len]
     for _ in range(cfg["warmup"]):
         d.train_step(xp, tp, slot)
@@ -122,7 +124,7 @@ def main(argv=None):
         prompt = suite.prompts[index]
         prompt_ids = hf._encode(tok, [prompt], True)[0]
         t0 = time.perf_counter()
-        traj = trajectories(model, prompt_ids, samples)
+        traj = trajectories(model, prompt_ids, samples, sorted({c.get("source", 0) for c in configs}))
         print(f"problem {index}: {len(samples)} samples, trajectories in {time.perf_counter() - t0:.0f} s", flush=True)
         res["problems"][str(index)] = {}
         for cfg in configs:

@@ -89,6 +89,7 @@ def _run_chunk(model, tokenizer, suite, method: Method, chunk_pos: Sequence[int]
                          for g in out.token_ids],
            "loop": [[metrics.has_loop(ids, text, ignore_ids=ws) for ids, text in zip(g, tg)]
                     for g, tg in zip(out.token_ids, out.texts)],
+           "token_ids": out.token_ids,
            "wall_s": wall, "generated_tokens": out.stats["generated_tokens"]}
     if "trainer" in out.stats:
         rec["rows_trained"] = out.stats["trainer"]["rows_trained"]
