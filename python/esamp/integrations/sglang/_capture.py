@@ -104,7 +104,10 @@ def find_decoder(model: nn.Module) -> Optional[nn.Module]:
 
 
 def layer_takes_capture(layer: nn.Module) -> bool:
+    cls = type(layer)
+    if getattr(cls, "_esamp_capture_kind", None) is not None:  # already ours: ask the model's class
+        cls = cls.__mro__[1]
     try:
-        return "capture_output" in inspect.signature(type(layer).forward).parameters
+        return "capture_output" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
