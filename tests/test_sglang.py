@@ -586,3 +586,69 @@ def test_plugin_loads_through_sglang_entry_point(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK True True []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_forward_batch_and_model_runner_wrappers(llama):
+    """The ForwardBatch.init_new and ModelRunner.load_model wrappers (applied to stand-in classes with SGLang's
+    signatures): requests and last-chunk flags are kept only for an ESamp runner; load_model attaches."""
+    import asyncio
+    m, _ = llama
+
+    class FakeFB:
+        @classmethod
+        def init_new(cls, batch, model_runner, **kw):
+            return types.SimpleNamespace(forward_mode=batch.mode)
+
+    mod = types.SimpleNamespace(ForwardBatch=FakeFB)
+    plugin._patch_forward_batch(mod)
+    assert getattr(FakeFB.init_new, "_esamp_wrapped", False) and isinstance(FakeFB.__dict__["init_new"], classmethod)
+    a, b = Req("a", sp_of(temperature=0.9), 6), Req("b", sp_of(temperature=0.9), 6)
+    b.extend_end = 3  # b's prefill has another chunk to go
+    batch = types.SimpleNamespace(reqs=[a, b], mode=ForwardMode.EXTEND)
+    plain = FakeFB.init_new(batch, Runner(m, Sampler()), capture_hidden_mode=None)
+    assert not hasattr(plain, "_esamp_reqs")
+    runner, rt = attach(m, esamp_sampler(warmup_steps=0))
+    runner._esamp_runtime = rt
+    fb = FakeFB.init_new(batch, runner)
+    assert fb._esamp_reqs == [a, b] and fb._esamp_last_chunk == [True, False]
+    batch.reqs.append(Req("c", sp_of(temperature=0.9)))  # SGLang extends batch.reqs in place on merge
+    assert len(fb._esamp_reqs) == 2
+
+    class FakeMR:
+        def __init__(self, sampler):
+            self.sampler, self.model, self.device, self.is_draft_worker = sampler, None, "cpu", False
+            self.max_running_requests, self.max_total_num_tokens = 4, 64
+
+        def load_model(self):
+            self.model = m
+
+        def sample(self, logits_output, forward_batch):
+            return getattr(self.__dict__.get("_esamp_runtime"), "_fb", None)
+
+    plugin._patch_model_runner(types.SimpleNamespace(ModelRunner=FakeMR))
+    mr = FakeMR(esamp_sampler(warmup_steps=0))
+    mr.load_model()
+    assert mr._esamp_runtime is mr.sampler.esamp_runtime is not None
+    assert mr.sample(None, "the-batch") == "the-batch" and mr._esamp_runtime._fb is None
+    draft = FakeMR(esamp_sampler())
+    draft.is_draft_worker = True
+    draft.load_model()
+    assert draft.sampler.esamp_runtime is None and draft.sampler.esamp_disabled_reason == "draft model runner"
+
+    # the tokenizer manager tags n > 1 children only on an ESamp server
+    sent = []
+
+    class FakeTM:
+        def __init__(self, backend):
+            self.server_args = types.SimpleNamespace(sampling_backend=backend)
+
+        async def _send_one_request(self, obj):
+            sent.append(obj.sampling_params.custom_params)
+
+    plugin._patch_tokenizer_manager(types.SimpleNamespace(TokenizerManager=FakeTM))
+    sp = SamplingParams(n=2, temperature=0.9)
+    for tm in (FakeTM("pytorch"), FakeTM("esamp")):
+        for _ in range(2):
+            asyncio.run(tm._send_one_request(types.SimpleNamespace(sampling_params=sp)))
+    assert sent[:2] == [None, None] and sent[2]["esamp_group"] == sent[3]["esamp_group"]
+    assert [sent[2]["esamp_index"], sent[3]["esamp_index"]] == [0, 1]
