@@ -397,6 +397,7 @@ class ESampRuntime:
         s = self.stats()
         loss = s["trainer_loss_sum"] / max(1, s["trainer_steps"])
         logger.info("ESamp: %d steps, rows esamp/plain %d/%d, requests esamp/plain/no-slot %d/%d/%d, slots %d/%d, "
-                    "trainer rows trained/skipped %d/%d, mean step loss %.4g", s["steps"], s["rows_esamp"],
-                    s["rows_plain"], s["requests_esamp"], s["requests_plain"], s["requests_no_slot"],
-                    s["slots_in_use"], s["slots"], s["trainer_rows_trained"], s["trainer_rows_skipped"], loss)
+                    "trainer rows trained/skipped %d/%d, mean step loss %.4g, warm starts %d (%d rows)",
+                    s["steps"], s["rows_esamp"], s["rows_plain"], s["requests_esamp"], s["requests_plain"],
+                    s["requests_no_slot"], s["slots_in_use"], s["slots"], s["trainer_rows_trained"],
+                    s["trainer_rows_skipped"], loss, s["warmup_groups"], s["warmup_rows"])
