@@ -652,3 +652,50 @@ def test_forward_batch_and_model_runner_wrappers(llama):
             asyncio.run(tm._send_one_request(types.SimpleNamespace(sampling_params=sp)))
     assert sent[:2] == [None, None] and sent[2]["esamp_group"] == sent[3]["esamp_group"]
     assert [sent[2]["esamp_index"], sent[3]["esamp_index"]] == [0, 1]
+
+
+def test_capture_callbacks_trace_without_graph_breaks():
+    """The capture subclasses (input-boundary callback, final-norm output) inside a module with SGLang's layer
+    signature trace under torch.compile(fullgraph=True) with no graph break, for two batch sizes, and fill their
+    buffers like eager mode.  (SGLang's own layer-boundary code is not compiled here: its CPU stand-in setup breaks
+    graphs for reasons of its own.)"""
+    from esamp.integrations.sglang._capture import install_input_capture, install_output_capture
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(H, H)
+
+        def forward(self, positions, hidden_states, forward_batch, capture_output=None):
+            out = self.lin(hidden_states)
+            if capture_output is not None:
+                capture_output(out + hidden_states, owned=True)
+            return out
+
+    class Norm(torch.nn.Module):
+        def forward(self, x, residual=None):
+            return (x * 2 + residual, residual) if residual is not None else x * 2
+
+    torch.manual_seed(10)
+    layer, norm = Layer(), Norm()
+    xb, tb = torch.zeros(16, H), torch.zeros(16, H)
+    install_input_capture(layer, xb)
+    install_output_capture(norm, tb)
+    seen = []
+
+    def model(x):
+        h = layer(None, x, None, capture_output=lambda v, owned=False: seen.append(1))
+        return norm(h, x)[0]
+
+    ex = torch._dynamo.explain(model)(torch.randn(4, H))
+    assert ex.graph_break_count == 0
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (3, 7):
+        x = torch.randn(n, H)
+        xb.zero_(), tb.zero_()
+        with torch.no_grad():
+            out = compiled(x)
+            h = layer.lin(x)
+        torch.testing.assert_close(xb[:n], h + x)
+        torch.testing.assert_close(tb[:n], out)
+        assert xb[n:].abs().sum() == 0
