@@ -7,7 +7,6 @@ sequence, in place of a RadixAttention backend with a KV cache) and the schedule
 as plain objects with the fields the adapter reads).  The model runner is a plain object holding the model and the
 sampler; ``ModelRunner.sample`` itself is SGLang's (with the plugin's wrapper).
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -27,15 +26,30 @@ import esamp.integrations.sglang as plugin  # noqa: E402
 
 plugin.register()  # before SGLang is imported: the hooks install on import, as in a real process
 
+# On a CPU machine SGLang imports vLLM's _custom_ops when vLLM is installed (moe_runner/triton_utils), which fixes
+# vLLM's platform for the whole process.  Import it under the environment tests/test_vllm.py selects vLLM's CPU
+# platform with (restored afterwards), so that both suites run in one pytest process in either order.
+_ENV = {"TRITON_INTERPRET": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_LEVEL": "WARNING"}
+if not torch.cuda.is_available():
+    _ENV["CUDA_VISIBLE_DEVICES"] = ""
+_saved = {k: os.environ.get(k) for k in _ENV}
+os.environ.update(_ENV)
 try:
     import sglang  # noqa: F401
     from sglang.srt import runtime_context as rc
     from sglang.srt.server_args import ServerArgs
+    import sglang.srt.layers.sampler  # noqa: F401  (the import that reaches vLLM)
 except ImportError as e:  # pragma: no cover
     if os.environ.get("CI") == "true":
         raise ImportError(f"SGLang is not importable under CI ({e}); tools/install_sglang.sh must install it") from e
     pytest.skip(f"SGLang is not importable ({type(e).__name__}: {e}); install it with tools/install_sglang.sh",
                 allow_module_level=True)
+finally:
+    for _k, _v in _saved.items():
+        if _v is None:
+            os.environ.pop(_k, None)
+        else:
+            os.environ[_k] = _v
 
 import tempfile  # noqa: E402
 
@@ -212,16 +226,6 @@ def attach(model, sampler, max_reqs=8):
     rt = plugin.attach(r)
     assert rt is not None, sampler.esamp_disabled_reason
     return r, rt
-
-
-class LinearHead(torch.nn.Module):
-    """A model with only what the sampler-side tests need: lm_head.weight and a Llama-shaped decoder."""
-
-
-def head_model(seed=0):
-    m, _ = tiny_model("llama", layers=2)
-    torch.manual_seed(seed)
-    return m
 
 
 def sgl_candidate_set(probs, sp):
@@ -402,7 +406,7 @@ def test_beta_positive_changes_tokens_and_reports_esamp_logprob(llama):
         assert int(ids[i]) in sgl_candidate_set(probs[i:i + 1], reqs[i].sampling_params)[0]
     zero, _ = esamp.ops.reweight(logits, pred, W, beta=0.0, temperature=0.9, top_k=L, seed=torch.arange(B), step=pos)
     assert not torch.equal(tok, zero)  # beta = 1 moves some tokens (same Gumbel noise)
-    assert rt.trainer.stats()["rows_trained"] >= 0 and rt.counters["steps"] == 1
+    assert rt.counters["steps"] == 1
     rt.trainer.synchronize()
     assert rt.trainer.stats()["rows_trained"] == B
 
@@ -583,7 +587,7 @@ def test_plugin_loads_through_sglang_entry_point(tmp_path):
                SGLANG_PLUGINS="esamp")
     env.pop("ESAMP_SGLANG_CONFIG", None)
     out = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK True True []" in out.stdout, out.stdout + out.stderr[-2000:]
 
