@@ -1,0 +1,212 @@
+"""Configuration of the SGLang backend (engine-wide, from the environment) and of one request
+(``SamplingParams.custom_params``).
+
+Pure Python: no SGLang or torch import, so the plugin's entry point stays cheap in every process.
+(The vLLM adapter keeps an equivalent module, esamp.integrations.vllm._config; the key names and validation rules
+are the same where the engines allow it.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+BACKEND = "esamp"                      # --sampling-backend esamp
+ENV_ENABLE = "ESAMP_SGLANG"            # "0"/"false"/"off" forces ESamp off even with --sampling-backend esamp
+ENV_CONFIG = "ESAMP_SGLANG_CONFIG"     # JSON object with the keys of EngineConfig
+BASE_BACKENDS = ("pytorch", "flashinfer")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# custom_params keys (nested form {"esamp": {...}} and flat forms)
+REQUEST_KEYS = ("enabled", "beta", "warmup_steps", "seed")
+FLAT_KEYS = ("esamp_beta", "esamp_warmup_steps", "esamp_seed")
+GROUP_KEY = "esamp_group"      # requests with the same value share one distiller slot (set for n > 1 automatically)
+INDEX_KEY = "esamp_index"      # sample index inside the group (seed offset), set for n > 1 automatically
+
+
+class ConfigError(ValueError):
+    """A bad engine or request configuration (names the key, the expectation and the value given)."""
+
+
+@dataclass
+class EngineConfig:
+    """Engine-wide settings (JSON in ``ESAMP_SGLANG_CONFIG``)."""
+    enabled: bool = True
+    beta: float = 0.25              # default beta for requests that do not set one
+    default_on: bool = True         # requests without custom_params["esamp"] use ESamp (random sampling rows only)
+    mode: str = "per_prompt"        # "per_prompt": one slot per request group; "shared": one slot for all
+    slots: int = 0                  # 0: max_running_requests (per_prompt), 1 (shared)
+    rank: int = 0                   # 0: 64 per_prompt, 384 shared (SPEC 2)
+    layers: int = 2
+    lr: float = 4e-4
+    adam_eps: float = 1e-4
+    clip: float = 0.5
+    seed: int = 0                   # distiller initialisation seed
+    capture_layer: int = 0          # decoder layer whose output residual stream is the source x
+    capture_rows: int = 0           # rows of the capture buffers; 0: the largest forward SGLang schedules
+    ring_rows: int = 0              # trainer ring rows; 0: max(64, slots, warm-start row cap)
+    warmup_steps: int = 30          # warm start (SPEC 2) on the prompt's (x, t) pairs; 0 disables
+    warmup_max_rows: int = 1024     # prompt positions per warm start (the last ones)
+    base_backend: str = "pytorch"   # SGLang backend that samples the rows without ESamp
+    log_interval_s: float = 10.0    # periodic counter log; 0 disables
+
+    def resolved_slots(self, max_running_requests: int) -> int:
+        if self.mode == "shared":
+            return 1
+        return self.slots if self.slots > 0 else max(1, int(max_running_requests))
+
+    def resolved_rank(self) -> int:
+        if self.rank > 0:
+            return self.rank
+        return 384 if self.mode == "shared" else 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConfigError(f"esamp.{key}: expected a boolean, got {v!r}")
+
+
+def _as_float(key: str, v: Any, *, lo: Optional[float] = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"esamp.{key}: expected a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)):
+        bound = f"{'>' if lo_open else '>='} {lo}" if lo is not None else "finite"
+        raise ConfigError(f"esamp.{key}: expected a finite number {bound}, got {v!r}")
+    return f
+
+
+def _as_int(key: str, v: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"esamp.{key}: expected an int {rng}, got {v!r}")
+    return int(v)
+
+
+def _check_engine(cfg: EngineConfig) -> EngineConfig:
+    cfg.enabled = _as_bool("enabled", cfg.enabled)
+    cfg.default_on = _as_bool("default_on", cfg.default_on)
+    cfg.beta = _as_float("beta", cfg.beta, lo=0.0)
+    if cfg.mode not in ("per_prompt", "shared"):
+        raise ConfigError(f"esamp.mode: expected 'per_prompt' or 'shared', got {cfg.mode!r}")
+    for k in ("slots", "rank", "seed", "capture_layer", "capture_rows", "ring_rows", "warmup_steps"):
+        setattr(cfg, k, _as_int(k, getattr(cfg, k), lo=0))
+    cfg.layers = _as_int("layers", cfg.layers, lo=1)
+    cfg.warmup_max_rows = _as_int("warmup_max_rows", cfg.warmup_max_rows, lo=1)
+    for k in ("lr", "adam_eps", "clip"):
+        setattr(cfg, k, _as_float(k, getattr(cfg, k), lo=0.0, lo_open=True))
+    cfg.log_interval_s = _as_float("log_interval_s", cfg.log_interval_s, lo=0.0)
+    if cfg.base_backend not in BASE_BACKENDS:
+        raise ConfigError(f"esamp.base_backend: expected one of {BASE_BACKENDS}, got {cfg.base_backend!r}")
+    return cfg
+
+
+def resolve_engine_config(environ: Optional[Mapping[str, str]] = None) -> Optional[EngineConfig]:
+    """The engine config for an engine started with ``--sampling-backend esamp``, or None when forced off
+    (``ESAMP_SGLANG=0`` or ``"enabled": false``)."""
+    env = os.environ if environ is None else environ
+    flag = env.get(ENV_ENABLE)
+    if flag is not None and flag.strip().lower() not in _TRUE | _FALSE:
+        raise ConfigError(f"{ENV_ENABLE}: expected one of 1/0/true/false/on/off, got {flag!r}")
+    if flag is not None and flag.strip().lower() in _FALSE:
+        return None
+    merged: dict = {}
+    raw = env.get(ENV_CONFIG)
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{ENV_CONFIG}: expected a JSON object, got {raw!r} ({e})") from None
+        if not isinstance(parsed, Mapping):
+            raise ConfigError(f"{ENV_CONFIG}: expected a JSON object of ESamp settings, got {parsed!r}")
+        known = {f.name for f in fields(EngineConfig)}
+        for k, v in parsed.items():
+            if k not in known:
+                raise ConfigError(f"{ENV_CONFIG}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+            merged[k] = v
+    cfg = _check_engine(EngineConfig(**merged))
+    return cfg if cfg.enabled else None
+
+
+@dataclass(frozen=True)
+class RequestConfig:
+    enabled: bool
+    beta: float
+    warmup_steps: Optional[int] = None   # None: the engine's warmup_steps
+    seed: Optional[int] = None           # None: SamplingParams.sampling_seed, else derived from the request id
+    group: Optional[str] = None          # None: the request is its own group
+    index: int = 0                       # sample index in its group (added to the seed)
+
+
+def request_config(custom_params: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
+    """Per-request settings from ``SamplingParams.custom_params``.
+
+    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"), ``{"esamp": {"enabled": bool,
+    "beta": float, "warmup_steps": int, "seed": int}}`` and the flat ``{"esamp_beta": float,
+    "esamp_warmup_steps": int, "esamp_seed": int}``.  A request that sets a beta without "enabled" opts in even
+    when default_on is false.  ``esamp_group`` / ``esamp_index`` group requests on one slot (the plugin sets them
+    for the n samples of an ``n > 1`` request).  Raises ConfigError on bad values.
+    """
+    enabled, beta, warmup, seed, group, index = engine.default_on, engine.beta, None, None, None, 0
+    if not custom_params or not isinstance(custom_params, Mapping):
+        return RequestConfig(enabled, beta)
+    v = custom_params.get("esamp")
+    if v is not None:
+        if isinstance(v, (bool, int, str)):
+            try:
+                enabled = _as_bool("esamp", v)
+            except ConfigError:
+                raise ConfigError(f"custom_params['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
+                                  f"{'/'.join(REQUEST_KEYS)}, got {v!r}") from None
+        elif isinstance(v, Mapping):
+            unknown = set(v) - set(REQUEST_KEYS)
+            if unknown:
+                raise ConfigError(f"custom_params['esamp']: unknown key(s) {sorted(unknown)} "
+                                  f"(known: {', '.join(REQUEST_KEYS)})")
+            if "warmup_steps" in v:
+                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
+            if "seed" in v:
+                seed = _as_int("seed", v["seed"], lo=-(2**63), hi=2**63 - 1)
+            if "beta" in v:
+                beta = _as_float("beta", v["beta"], lo=0.0)
+                enabled = True
+            if "enabled" in v:
+                enabled = _as_bool("enabled", v["enabled"])
+        else:
+            raise ConfigError(f"custom_params['esamp']: expected a bool or a dict with {'/'.join(REQUEST_KEYS)}, "
+                              f"got {v!r}")
+    if "esamp_beta" in custom_params:
+        beta = _as_float("esamp_beta", custom_params["esamp_beta"], lo=0.0)
+        if v is None:
+            enabled = True
+    if "esamp_warmup_steps" in custom_params:
+        warmup = _as_int("esamp_warmup_steps", custom_params["esamp_warmup_steps"], lo=0)
+    if "esamp_seed" in custom_params:
+        seed = _as_int("esamp_seed", custom_params["esamp_seed"], lo=-(2**63), hi=2**63 - 1)
+    if GROUP_KEY in custom_params:
+        g = custom_params[GROUP_KEY]
+        if not isinstance(g, str) or not g:
+            raise ConfigError(f"custom_params[{GROUP_KEY!r}]: expected a non-empty string, got {g!r}")
+        group = g
+    if INDEX_KEY in custom_params:
+        index = _as_int(INDEX_KEY, custom_params[INDEX_KEY], lo=0)
+    return RequestConfig(bool(enabled), float(beta), warmup, seed, group, index)
+
+
+def validate_custom_params(custom_params: Optional[Mapping[str, Any]]) -> None:
+    """Raises ConfigError if the ESamp keys of custom_params are malformed (engine defaults do not matter)."""
+    keys = ("esamp",) + FLAT_KEYS + (GROUP_KEY, INDEX_KEY)
+    if custom_params and isinstance(custom_params, Mapping) and any(k in custom_params for k in keys):
+        request_config(custom_params, EngineConfig())
