@@ -172,3 +172,23 @@ def test_bootstrap_diff():
     # identical methods: the interval straddles 0 exactly
     same = suite_eval.bootstrap_diff(b, b)
     assert same["mean"] == [0.0, 0.0] and not math.isnan(same["lo"][0])
+
+
+# ------------------------------------------------------------------------------------------------ MATH-500 / AIME
+HAVE_MATH = (importlib.util.find_spec("mmath") is not None and importlib.util.find_spec("math_verify") is not None)
+needs_math = pytest.mark.skipif(not HAVE_MATH, reason="mmath / math-verify not installed "
+                                                      "(bash tools/install_eval_assets.sh)")
+
+
+@needs_math
+def test_math_suites_grade_their_own_answers():
+    for name, count in (("math500", 311), ("aime", 45)):
+        s = suites.get_suite(name, "all")
+        assert len(s.problems) == count and s.max_new_tokens >= 2048
+        assert "\\boxed{}" in s.prompts[0]
+        for p in s.problems:
+            assert suites.math_correct(f"Thus the answer is $\\boxed{{{p['answer']}}}$.", p["answer"]), p["id"]
+        # a wrong answer fails (AIME answers are integers: add one)
+        if name == "aime":
+            assert not any(suites.math_correct(f"\\boxed{{{int(p['answer']) + 1}}}", p["answer"]) for p in s.problems)
+    assert suites.math_correct("\\boxed{\\frac{1}{2}}", "0.5") and not suites.math_correct("\\boxed{3}", "\\frac{1}{2}")

