@@ -14,7 +14,8 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
 D=${DATE:-$(date +%F)}
 R=bench/results
 mkdir -p "$R"
-export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
+# A development build (tools/build_inplace.sh) runs from the working tree; otherwise the installed esamp is used.
+[ -e python/esamp/_C.so ] && export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
 what=("$@")
 [ ${#what[@]} -gt 0 ] || what=(e2e reweight ops-reweight distiller demo)
 
