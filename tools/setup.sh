@@ -37,6 +37,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+VENV_PY=$(command -v python)
 mkdir -p "$LOGDIR"
 
 # pip, quiet, with its "dependency conflicts" report folded into one line.  vLLM is installed with --no-deps
@@ -75,7 +76,8 @@ optional() {
   return 0
 }
 # Runs an install script with the dependency-conflict lines of its pip calls folded (see pipq).
-run_script() { bash "$1" 2>&1 | fold_conflicts; return "${PIPESTATUS[0]}"; }
+# (PYTHON is the venv's interpreter there: these scripts install into $PYTHON.)
+run_script() { PYTHON="$VENV_PY" bash "$1" 2>&1 | fold_conflicts; return "${PIPESTATUS[0]}"; }
 # Writes a pip constraints file holding the installed versions of the named packages; prints its path.
 hold() {
   python - "$LOGDIR/constraints.txt" "$@" <<'PYEOF'
@@ -132,7 +134,7 @@ fi
 if [ "$WITH_EVAL" = 1 ]; then
   if [ -f tools/install_eval_assets.sh ]; then
     log "installing the evaluation assets (tools/install_eval_assets.sh)"
-    bash tools/install_eval_assets.sh
+    PYTHON="$VENV_PY" bash tools/install_eval_assets.sh
   else
     warn "--eval: tools/install_eval_assets.sh does not exist yet; nothing installed for the evaluation"
   fi
