@@ -13,12 +13,15 @@ bmm + autograd + per-slot clip + torch.optim.Adam with
 The report gives the median of --iters timed runs after --warmup untimed runs, and the ratio of each
 baseline's median to esamp's.
 
-    PYTHONPATH=python python bench/bench_distiller.py [--iters 30] [--threads N] [--compile]
+    PYTHONPATH=python python bench/bench_distiller.py [--iters 30] [--threads N] [--compile] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the batched forward+loss")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the phases of the fused-Adam baseline (forward+loss, backward, clip, Adam)")
     args = ap.parse_args()
@@ -73,6 +77,10 @@ def main() -> None:
     P = d.params_per_slot
     # FLOPs of one train step: per block forward 2nH(2R) + 2nRH, backward twice that (dW1, dX, dB, dh).
     flops = S * L * 3 * (2 * n * H * 2 * R + 2 * n * R * H)
+    record = {"command": " ".join(["bench/bench_distiller.py"] + sys.argv[1:]), "B": B, "S": S, "H": H, "R": R,
+              "L": L, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "loadavg_before": os.getloadavg()}
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"distiller train step: B = {B} rows over S = {S} slots, H = {H}, R = {R}, L = {L}, float32, "
           f"P = {P} params/slot, torch threads = {torch.get_num_threads()}, "
           f"median of {args.iters} runs after {args.warmup} warm-up")
@@ -118,6 +126,8 @@ def main() -> None:
         print(f"  {name:42s} {sec * 1e3:8.3f} ms{extra}")
     strongest = min((v, k) for k, v in results.items() if k != "esamp")
     print(f"  strongest baseline: {strongest[1]} -> ratio {strongest[0] / ref_t:.2f}x")
+    record.update({"train_step_median_s": results, "strongest_baseline": strongest[1],
+                   "ratio": strongest[0] / ref_t, "esamp_counters": st})
     print(f"  esamp counters after the timed runs: {st}")
     if st["rows_trained"] == 0:
         raise SystemExit("FAILED: esamp trained zero rows")
@@ -144,6 +154,7 @@ def main() -> None:
             if it >= args.warmup:
                 for k, v in zip(phases, (t1 - t0, t2 - t1, t3_ - t2, t4 - t3_)):
                     phases[k].append(v)
+        record["fused_baseline_phases_median_s"] = {k: statistics.median(v) for k, v in phases.items()}
         print("  fused baseline phases (medians): " +
               ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in phases.items()))
 
@@ -162,6 +173,12 @@ def main() -> None:
     for name, sec in fres.items():
         extra = "" if name == "esamp" else f"  esamp is {sec / fres['esamp']:5.2f}x faster"
         print(f"  {name:42s} {sec * 1e3:8.3f} ms{extra}")
+    record.update({"forward_median_s": fres, "loadavg_after": os.getloadavg()})
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ Operators and baselines (problem sizes of SmolLM2-135M: V = 49152, H = 576; B = 
                                                   pred @ W.T, mix, Gumbel-max, log_softmax) and torch.compile of it;
                                                   on CUDA also FlashInfer's softmax + min-p / top-p sampling when
                                                   flashinfer is installed (vanilla sampling: the cost floor)
+                                                  and the filter-first baseline a careful PyTorch user writes
+                                                  (bench_reweight.reweight_filter_first: filters, gather the
+                                                  candidates' LM-head rows, dot only those) and torch.compile of it
   reweight_logits (same three cases)              the same eager composition stopping at the masked mixed logits,
-                                                  and torch.compile of it
+                                                  torch.compile of it, and the filter-first form (+ compiled)
   mix_hidden                                      (1 + b) h - b p in eager PyTorch, and torch.compile of it
   capture (hidden + residual -> out[:N])          out[:N].copy_(hidden + residual), and torch.compile of it
   distiller_forward (per-prompt bank: S = 8, R = 64; shared: S = 1, R = 384; L = 2; 64 rows)
@@ -42,6 +45,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, HERE)
 import esamp  # noqa: E402
 from bench_reweight import make_problem  # noqa: E402  (the LM-like logits recipe, shared with bench_reweight)
+from bench_reweight import reweight_filter_first, reweight_logits_filter_first  # noqa: E402
 from esamp.reference.distiller import INIT_GATE_BIAS, INIT_STD, BatchedEagerDistiller  # noqa: E402
 from esamp.reference.sampling import reweight_eager  # noqa: E402
 
@@ -279,6 +283,13 @@ def main(argv=None):
                     if comp_rw is not None:
                         impls["torch.compile(eager)"] = lambda: comp_rw(logits, pred, W, None, beta, temp, topk0,
                                                                         top_p, min_p, **flags)
+                ff = (logits, pred, W, beta, temp, top_p, min_p, "min_p" in filt, "top_p" in filt)
+                if dev.type == "cpu":
+                    impls["filter-first (gather candidate rows)"] = lambda ff=ff: reweight_filter_first(*ff)
+                    if not args.no_compile:
+                        c = try_compile(reweight_filter_first, lambda f, ff=ff: f(*ff), f"filter-first[{name}]", log)
+                        if c is not None:
+                            impls["torch.compile(filter-first)"] = lambda c=c, ff=ff: c(*ff)
                 fi = flashinfer_sampler(dev, filt, logits, top_p, min_p, log)
                 if fi is not None:
                     impls[fi[0]] = fi[1]
@@ -294,6 +305,14 @@ def main(argv=None):
                                     f"reweight_logits_eager[{name}]", log)
                     if c is not None:
                         impls["torch.compile(eager)"] = lambda: c(logits, pred, W, beta, temp, min_p, top_p, **rl)
+                ff = (logits, pred, W, beta, temp, top_p, min_p, "min_p" in filt, "top_p" in filt)
+                if dev.type == "cpu":
+                    impls["filter-first (gather candidate rows)"] = lambda ff=ff: reweight_logits_filter_first(*ff)
+                    if not args.no_compile:
+                        c2 = try_compile(reweight_logits_filter_first, lambda f, ff=ff: f(*ff),
+                                         f"filter-first logits[{name}]", log)
+                        if c2 is not None:
+                            impls["torch.compile(filter-first)"] = lambda c2=c2, ff=ff: c2(*ff)
                 report("reweight_logits", f"{name}, |C| mean {ncand / B:.0f}", impls, nbytes + B * V * 4, flops)
 
     g = torch.Generator(device=dev).manual_seed(0)

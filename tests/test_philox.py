@@ -96,10 +96,8 @@ def _bench_binary():
 def test_cpp_philox_known_answers_via_bench_selftest():
     exe, looked = _bench_binary()
     if exe is None:
-        msg = f"C++ benchmark binary bench_reweight_cpu not found in {looked} (set ESAMP_BUILD_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg + "; CI builds it, so it must be there")
-        pytest.skip(msg)
+        # .ci/run builds it: under CI=true / ESAMP_REQUIRE, tests/conftest.py turns this skip into an error.
+        pytest.skip(f"C++ benchmark binary bench_reweight_cpu not found in {looked} (set ESAMP_BUILD_DIR)")
     res = subprocess.run([exe, "--selftest"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "philox known answers: ok" in res.stdout

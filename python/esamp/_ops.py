@@ -2,6 +2,8 @@
 typed wrappers (esamp.ops.*).  Higher layers use these wrappers, never the C++ library directly."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from typing import Optional, Sequence, Union
 
@@ -18,15 +20,105 @@ __all__ = [
     "distiller_reset",
     "derive_row_seeds",
     "has_cuda_kernels",
+    "build_info",
+    "torch_mismatch",
 ]
 
-_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.so")
-if not os.path.exists(_LIB):
-    raise ImportError(
-        f"esamp: compiled library not found at {_LIB}. Install the package with "
-        "`pip install --no-build-isolation .` (or run tools/build_inplace.sh for a development build)."
-    )
-torch.ops.load_library(_LIB)
+
+def _find_library() -> Optional[str]:
+    """Path of the compiled library _C.so: beside this file (installed package, or tools/build_inplace.sh's link),
+    else wherever the import system places esamp._C (an editable install keeps this file in the source tree and
+    the built library in site-packages)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.so")
+    if os.path.exists(here):
+        return here
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin and os.path.exists(spec.origin):
+        return spec.origin
+    return None
+
+
+def _torch_release(version: str) -> str:
+    """'2.14.1+cu130' -> '2.14.1' (the C++ ABI of libtorch is tied to the release, the local tag is CUDA's)."""
+    return version.split("+", 1)[0]
+
+
+def _cuda_major(v) -> Optional[str]:
+    return str(v).split(".", 1)[0] if v else None
+
+
+def torch_mismatch(info: dict, *, version: Optional[str] = None, cxx11_abi: Optional[bool] = None,
+                   cuda: Optional[str] = "unset") -> Optional[str]:
+    """Why the torch given (default: the running one) cannot load a library built with `info` (the build's
+    _build_info.json), or None when it can: the torch release (X.Y.Z), its C++11 ABI flag and, for a build with
+    CUDA kernels, its CUDA major version must match the build's."""
+    version = torch.__version__ if version is None else version
+    cxx11_abi = bool(torch._C._GLIBCXX_USE_CXX11_ABI) if cxx11_abi is None else bool(cxx11_abi)
+    cuda = torch.version.cuda if cuda == "unset" else cuda
+    problems = []
+    if _torch_release(info["torch_version"]) != _torch_release(version):
+        problems.append(f"torch {info['torch_version']} was used to build it, torch {version} is installed")
+    if bool(int(info["torch_cxx11_abi"])) != cxx11_abi:
+        problems.append(f"C++11 ABI {int(info['torch_cxx11_abi'])} at build time, {int(cxx11_abi)} now")
+    if str(info.get("cuda_kernels", "OFF")).upper() in ("ON", "TRUE", "1") and \
+            _cuda_major(info.get("torch_cuda")) != _cuda_major(cuda):
+        problems.append(f"it holds CUDA kernels built for CUDA {info.get('torch_cuda')}, the installed torch has "
+                        f"CUDA {cuda or 'none (CPU-only build)'}")
+    return "; ".join(problems) or None
+
+
+_REBUILD = ("rebuild esamp against the installed torch: from the source tree, "
+            "`pip install --no-build-isolation --no-deps --force-reinstall .` (or tools/build_inplace.sh for a "
+            "development build)")
+
+
+def _read_build_info(lib: str) -> Optional[dict]:
+    path = os.path.join(os.path.dirname(os.path.realpath(lib)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _load() -> dict:
+    lib = _find_library()
+    if lib is None:
+        raise ImportError(
+            "esamp: compiled library _C.so not found beside esamp/_ops.py nor on the import path. Install the "
+            "package with `pip install --no-build-isolation .` (or run tools/build_inplace.sh for a development "
+            "build).")
+    info = _read_build_info(lib)
+    if info is not None and os.environ.get("ESAMP_SKIP_TORCH_CHECK", "") in ("", "0"):
+        why = torch_mismatch(info)
+        if why is not None:
+            raise ImportError(
+                f"esamp: the compiled extension {lib} does not match the installed torch ({why}). Either install "
+                f"the torch it was built against (pip install torch=={_torch_release(info['torch_version'])}"
+                + (f", a CUDA {info['torch_cuda']} build" if str(info.get("cuda_kernels")).upper() == "ON" else "")
+                + f") or {_REBUILD}.  (ESAMP_SKIP_TORCH_CHECK=1 tries to load it anyway.)")
+    try:
+        torch.ops.load_library(lib)
+    except OSError as e:
+        built = f"built against torch {info['torch_version']}" if info else "build information missing"
+        raise ImportError(f"esamp: could not load the compiled extension {lib} ({built}; installed torch "
+                          f"{torch.__version__}): {e}.  Likely cause: a torch other than the build's; {_REBUILD}.") \
+            from e
+    return dict(info or {}, library=lib)
+
+
+_BUILD_INFO = _load()
+
+
+def build_info() -> dict:
+    """What the loaded extension was built with: torch_version, torch_cxx11_abi, torch_cuda, cuda_kernels,
+    cuda_archs, python, compiler, and the library's path ("library")."""
+    return dict(_BUILD_INFO)
+
+
 _ops = torch.ops.esamp
 
 

@@ -1,13 +1,15 @@
 """`esamp demo`: vanilla vs ESamp on the embedded SmolLM2-135M-Instruct, same prompts, same seeds.
 
-Prints samples side by side and a table (mean pairwise embedding similarity, Vendi score, distinct-n, perplexity
-under the base model, mean length, tokens/s and the ESamp overhead) and writes results.json, samples.md and
-similarity_vs_position.png (pairwise similarity of the first-k-token prefixes against k, cf. the paper's Figure 4)
-into the output folder.
+Prints the settings in one line, samples side by side and a table (mean pairwise embedding similarity, Vendi score,
+distinct-n, perplexity under the base model, loop rate, mean length, tokens/s and the ESamp overhead) and writes
+results.json, samples.md and similarity_vs_position.png (pairwise similarity of the first-k-token prefixes against
+k, cf. the paper's Figure 4) into the output folder, which is created before any work starts.  Without the MiniLM
+embedder the embedding metrics and the plot are left out (one line says so) and everything else is shown.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import textwrap
@@ -16,7 +18,15 @@ from typing import Dict, List, Optional, Sequence
 
 from .config import ESampConfig
 
-__all__ = ["DEMO_PROMPTS", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "DEMO_SETTINGS", "DEMO_ESAMP", "run_demo", "settings_line"]
+
+# ------------------------------------------------------------------------------------------------------------------
+# THE DEMO'S SETTINGS -- one place.  What a newcomer sees should be what the docs claim, so these follow the setting
+# the evaluation recommends (docs/evaluation.md); the command-line flags of `esamp demo` override them.
+DEMO_ESAMP = ESampConfig(beta=0.25, warmup_steps=30)
+DEMO_SETTINGS = {"n": 8, "max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                 "seed": 0, "esamp": DEMO_ESAMP}
+# ------------------------------------------------------------------------------------------------------------------
 
 DEMO_PROMPTS = [
     "Write the opening sentence of a story about a lighthouse keeper.",
@@ -28,6 +38,15 @@ DEMO_PROMPTS = [
 ]
 
 
+def settings_line(*, prompts: int, n: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                  min_p: float, seed: int, config: ESampConfig) -> str:
+    """The demo's settings in one line."""
+    return (f"settings: ESamp beta={config.beta} mode={config.mode} rank={config.effective_rank} "
+            f"layers={config.layers} lr={config.lr:g} warmup_steps={config.warmup_steps} | sampling T={temperature} "
+            f"top_k={top_k} top_p={top_p} min_p={min_p} seed={seed} | {prompts} prompts x n={n}, "
+            f"{max_new_tokens} new tokens")
+
+
 def _fmt(v, digits=3):
     if isinstance(v, float):
         if v != v:
@@ -36,30 +55,71 @@ def _fmt(v, digits=3):
     return str(v)
 
 
-def _group_metrics(out, model, embedder, pad_id: int) -> Dict[str, float]:
+class _Progress:
+    """A tqdm bar over the scoring steps (nothing when progress is off or tqdm is missing)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+            except ImportError:  # pragma: no cover - tqdm comes with transformers
+                pass
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _mean(v):
+    v = [x for x in v if x == x]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def _group_metrics(label, out, model, tok, embedder, pad_id: int, progress: _Progress) -> Dict[str, float]:
+    """Metrics of one method's samples; `embedder` None leaves the embedding metrics NaN."""
     from . import metrics
 
     sims, vendis, d1, d2 = [], [], [], []
-    for texts in out.texts:
-        emb = embedder.encode(texts)
-        sims.append(metrics.pairwise_similarity(emb))
-        vendis.append(metrics.vendi_score(emb))
+    nll = tokens = 0.0
+    for p, texts in enumerate(out.texts):
+        if embedder is not None:
+            emb = embedder.encode(texts)
+            sims.append(metrics.pairwise_similarity(emb))
+            vendis.append(metrics.vendi_score(emb))
         d1.append(metrics.distinct_n(texts, 1))
         d2.append(metrics.distinct_n(texts, 2))
-    prompts, comps = [], []
-    for p, group in enumerate(out.token_ids):
-        for ids in group:
-            prompts.append(out.prompt_token_ids[p])
-            comps.append(ids)
-    ppl = metrics.perplexity(model, prompts, comps, pad_id=pad_id)["ppl"]
-
-    def mean(v):
-        v = [x for x in v if x == x]
-        return sum(v) / len(v) if v else float("nan")
-
-    return {"similarity": mean(sims), "vendi": mean(vendis), "distinct_1": mean(d1), "distinct_2": mean(d2),
-            "ppl": ppl, "mean_tokens": out.stats["mean_length"], "tokens_per_s": out.stats["tokens_per_s"],
+        group = out.token_ids[p]
+        pp = metrics.perplexity(model, [out.prompt_token_ids[p]] * len(group), group, pad_id=pad_id)
+        nll += sum(pp["nll"])
+        tokens += sum(pp["tokens"])
+        progress.step(f"{label}: prompt {p + 1}/{len(out.texts)}")
+    flat_ids = [ids for group in out.token_ids for ids in group]
+    flat_texts = [t for group in out.texts for t in group]
+    return {"similarity": _mean(sims), "vendi": _mean(vendis), "distinct_1": _mean(d1), "distinct_2": _mean(d2),
+            "ppl": math.exp(nll / tokens) if tokens else float("nan"),
+            "loop_rate": metrics.loop_rate(flat_ids, flat_texts, tokenizer=tok),
+            "mean_tokens": out.stats["mean_length"], "tokens_per_s": out.stats["tokens_per_s"],
             "row_steps_per_s": out.stats["row_steps_per_s"], "gen_s": out.stats["prefill_s"] + out.stats["decode_s"]}
+
+
+def load_embedder(print_fn=print):
+    """The MiniLM embedder, or None with one line saying what is missing and how to install it."""
+    from . import metrics
+
+    try:
+        metrics.minilm_path()
+    except ImportError:
+        print_fn(f"note: the MiniLM embedder is not installed, so similarity, Vendi score and the plot are left out "
+                 f"(everything else is shown); install it with:  {metrics.MINILM_INSTALL}")
+        return None
+    return metrics.Embedder()
 
 
 def _side_by_side(prompts: Sequence[str], a, b, show: int, width: int) -> str:
@@ -100,29 +160,41 @@ def _plot(path: str, positions, curves: Dict[str, List[float]], title: str) -> b
     return True
 
 
-def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str]] = None, n: int = 8,
-             max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             min_p: float = 0.0, seed: int = 0, config: Optional[ESampConfig] = None, out_dir: str = "esamp_demo",
+def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
+             n: Optional[int] = None, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+             seed: Optional[int] = None, config: Optional[ESampConfig] = None, out_dir: str = "esamp_demo",
              show: int = 3, progress: bool = True, plot: bool = True, print_fn=print) -> dict:
-    """Run the demo and return the results dict (also written to out_dir/results.json)."""
+    """Run the demo and return the results dict (also written to out_dir/results.json).
+
+    Arguments left None take their value from DEMO_SETTINGS.  The command line (`esamp demo`) validates every
+    argument before calling this; called directly, bad values raise ValueError from esamp.hf.generate."""
     import torch
 
     from . import hf, metrics, models
 
     t_all = time.perf_counter()
-    config = config or ESampConfig()
+    S = DEMO_SETTINGS
+    n = S["n"] if n is None else n
+    max_new_tokens = S["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    temperature = S["temperature"] if temperature is None else temperature
+    top_k = S["top_k"] if top_k is None else top_k
+    top_p = S["top_p"] if top_p is None else top_p
+    min_p = S["min_p"] if min_p is None else min_p
+    seed = S["seed"] if seed is None else seed
+    config = config or S["esamp"]
+    prompts = list(prompts) if prompts else list(DEMO_PROMPTS)
+    os.makedirs(out_dir, exist_ok=True)              # first: a bad --out fails before any work
     if not progress:
         try:
             from transformers.utils import logging as tlog
             tlog.disable_progress_bar()
         except Exception:  # pragma: no cover - cosmetic only
             pass
-    prompts = list(prompts) if prompts else list(DEMO_PROMPTS)
-    print_fn(f"esamp demo: {len(prompts)} prompts x n = {n}, {max_new_tokens} new tokens, T = {temperature}, "
-             f"top_k = {top_k}, top_p = {top_p}, min_p = {min_p}, seed = {seed}; torch threads = "
-             f"{torch.get_num_threads()}")
-    print_fn(f"ESamp: beta = {config.beta}, mode = {config.mode}, rank = {config.effective_rank}, "
-             f"layers = {config.layers}, lr = {config.lr}, warm-up steps = {config.warmup_steps}")
+    print_fn(settings_line(prompts=len(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, config=config)
+             + f" | torch threads {torch.get_num_threads()}")
+    embedder = load_embedder(print_fn)
     t0 = time.perf_counter()
     print_fn("loading the model" + (f" {model_path}" if model_path else " SmolLM2-135M-Instruct (embedded)") + " ...")
     model, tok = models.load(model_path)
@@ -140,46 +212,58 @@ def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str
     width = shutil.get_terminal_size((120, 20)).columns
     print_fn(_side_by_side(prompts, van, esa, show, min(width, 160)))
 
-    print_fn("\nscoring (MiniLM embeddings, perplexity under the base model) ...")
-    embedder = metrics.Embedder()
+    print_fn("\nscoring (" + ("MiniLM embeddings, " if embedder is not None else "")
+             + "perplexity under the base model, loops) ...")
+    positions = sorted({k for k in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if k <= max_new_tokens}
+                       | {max_new_tokens})
+    bar = _Progress(2 * len(prompts) + (2 if embedder is not None else 0), progress, "scoring")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    mv = _group_metrics(van, model, embedder, pad_id)
-    me = _group_metrics(esa, model, embedder, pad_id)
+    try:
+        mv = _group_metrics("vanilla", van, model, tok, embedder, pad_id, bar)
+        me = _group_metrics("ESamp", esa, model, tok, embedder, pad_id, bar)
+        curves = {}
+        if embedder is not None:
+            curves["vanilla"] = metrics.similarity_by_position(embedder, tok, van.token_ids, positions)
+            bar.step("vanilla: similarity by position")
+            curves[f"ESamp (beta={config.beta})"] = metrics.similarity_by_position(embedder, tok, esa.token_ids,
+                                                                                  positions)
+            bar.step("ESamp: similarity by position")
+    finally:
+        bar.close()
     trainer = esa.stats["trainer"]
     overhead = mv["row_steps_per_s"] / me["row_steps_per_s"] - 1.0
 
-    rows = [("mean pairwise similarity (lower = more diverse)", "similarity", 4),
-            ("Vendi score (higher = more diverse)", "vendi", 2),
-            ("distinct-1", "distinct_1", 3), ("distinct-2", "distinct_2", 3),
-            ("perplexity under the base model (lower = more fluent)", "ppl", 2),
-            ("mean generated tokens", "mean_tokens", 1),
-            ("generated tokens / s", "tokens_per_s", 1),
-            ("row-steps / s (batch rows x decode steps)", "row_steps_per_s", 1)]
+    na = "n/a" if embedder is None else None
+    rows = [("mean pairwise similarity (lower = more diverse)", "similarity", 4, na),
+            ("Vendi score (higher = more diverse)", "vendi", 2, na),
+            ("distinct-1", "distinct_1", 3, None), ("distinct-2", "distinct_2", 3, None),
+            ("perplexity under the base model (lower = more fluent)", "ppl", 2, None),
+            ("loop rate (share of samples that fall into a loop)", "loop_rate", 3, None),
+            ("mean generated tokens", "mean_tokens", 1, None),
+            ("generated tokens / s", "tokens_per_s", 1, None),
+            ("row-steps / s (batch rows x decode steps)", "row_steps_per_s", 1, None)]
     lw = max(len(r[0]) for r in rows)
     table = [f"{'metric':<{lw}} | {'vanilla':>10} | {'ESamp':>10}", "-" * lw + "-+-" + "-" * 10 + "-+-" + "-" * 10]
-    for label, key, d in rows:
-        table.append(f"{label:<{lw}} | {_fmt(mv[key], d):>10} | {_fmt(me[key], d):>10}")
+    for label, key, d, missing in rows:
+        a, b = (missing, missing) if missing else (_fmt(mv[key], d), _fmt(me[key], d))
+        table.append(f"{label:<{lw}} | {a:>10} | {b:>10}")
     table.append(f"{'ESamp overhead per decode step (row-steps/s ratio)':<{lw}} | {'':>10} | "
                  f"{100 * overhead:>+9.1f}%")
     table.append(f"{'distiller rows trained / skipped (incl. warm-up)':<{lw}} | {'':>10} | "
                  f"{trainer['rows_trained']:>5} / {trainer['rows_skipped']}")
     print_fn("\n" + "\n".join(table))
 
-    positions = sorted({k for k in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if k <= max_new_tokens}
-                       | {max_new_tokens})
-    os.makedirs(out_dir, exist_ok=True)
-    curves = {"vanilla": metrics.similarity_by_position(embedder, tok, van.token_ids, positions),
-              f"ESamp (beta={config.beta})": metrics.similarity_by_position(embedder, tok, esa.token_ids, positions)}
     png = os.path.join(out_dir, "similarity_vs_position.png")
-    wrote_png = plot and _plot(png, positions, curves,
-                               f"{type(model).__name__}: {len(prompts)} prompts x n={n}, T={temperature}")
-
+    wrote_png = plot and bool(curves) and _plot(png, positions, curves,
+                                                f"{type(model).__name__}: {len(prompts)} prompts x n={n}, "
+                                                f"T={temperature}")
     results = {
         "settings": {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed, "model": model_path or "default",
-                     "esamp": config.to_dict(), "torch_threads": torch.get_num_threads()},
+                     "esamp": config.to_dict(), "torch_threads": torch.get_num_threads(),
+                     "embedder": embedder is not None},
         "vanilla": mv, "esamp": me, "esamp_overhead": overhead, "trainer": trainer,
-        "similarity_by_position": {"positions": positions, **curves},
+        "similarity_by_position": {"positions": positions, **curves} if curves else None,
         "load_s": load_s,
         "samples": {"vanilla": van.texts, "esamp": esa.texts},
     }
@@ -188,7 +272,8 @@ def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str
     results["wall_s"] = time.perf_counter() - t_all
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print_fn(f"\nwrote {out_dir}/results.json, {out_dir}/samples.md"
-             + (f", {png}" if wrote_png else " (no plot: matplotlib missing or --no-plot)"))
+    why = "" if wrote_png else (" (no plot: " + ("no embedder" if not curves else "matplotlib missing or --no-plot")
+                                + ")")
+    print_fn(f"\nwrote {out_dir}/results.json, {out_dir}/samples.md" + (f", {png}" if wrote_png else why))
     print_fn(f"demo done in {results['wall_s']:.1f} s (model load {load_s:.1f} s)")
     return results

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Records the CPU figures that docs/benchmarks.md, docs/huggingface.md and README.md quote: one file (or a pair,
+# .txt + .json) per table under bench/results/, named <what>_cpu_<date>.  Each .txt starts with the command, the
+# date, the git revision and `uptime` (the machine may be shared: the benchmarks interleave the methods they compare
+# and report ratios, but absolute times depend on the load).
+#
+#   bash bench/record_cpu.sh                       # everything (about 30-60 min on the 2-core VM)
+#   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo
+#
+# Environment: PYTHON (default .venv/bin/python, else python), DATE (default today, YYYY-MM-DD).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+D=${DATE:-$(date +%F)}
+R=bench/results
+mkdir -p "$R"
+# A development build (tools/build_inplace.sh) runs from the working tree; otherwise the installed esamp is used.
+[ -e python/esamp/_C.so ] && export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
+what=("$@")
+[ ${#what[@]} -gt 0 ] || what=(e2e reweight ops-reweight distiller demo)
+
+header() {  # header FILE COMMAND...
+  local f=$1; shift
+  { echo "\$ $*"; echo "# date: $(date -Is)  git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "# uptime: $(uptime)"; } >"$f"
+}
+run() {  # run NAME COMMAND...   (output appended to $R/NAME.txt, then `uptime` at the end)
+  local f="$R/$1.txt"; shift
+  header "$f" "$@"
+  echo "== $f"
+  "$@" 2>&1 | tee -a "$f"
+  echo "# uptime at the end: $(uptime)" >>"$f"
+}
+
+for w in "${what[@]}"; do
+  case "$w" in
+    e2e)          run "e2e_hf_cpu_$D" "$PY" bench/bench_e2e.py --json "$R/e2e_hf_cpu_$D.json" ;;
+    reweight)     run "reweight_cpu_$D" "$PY" bench/bench_reweight.py --json "$R/reweight_cpu_$D.json" ;;
+    ops-reweight) run "ops_reweight_cpu_$D" "$PY" bench/bench_ops.py --device cpu --ops reweight,reweight_logits \
+                    --out "$R/ops_reweight_cpu_$D.json" ;;
+    distiller)    run "distiller_cpu_$D" "$PY" bench/bench_distiller.py --threads 1 --breakdown \
+                    --json "$R/distiller_cpu_$D.json" ;;
+    demo)         rm -rf "$R/demo_cpu_$D"
+                  run "demo_cpu_$D" /usr/bin/env bash -c \
+                    "s=\$(date +%s%N); '$PY' -m esamp demo --no-progress --out '$R/demo_cpu_$D'; rc=\$?; \
+                     echo \"# demo wall time (python start to exit): \$(( (\$(date +%s%N) - s) / 1000000 )) ms\"; exit \$rc" ;;
+    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo)" >&2; exit 2 ;;
+  esac
+done

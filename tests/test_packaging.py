@@ -1,0 +1,90 @@
+"""Packaging: the build information recorded beside _C.so, the import-time torch check (a clear ImportError
+naming the torch the build needs, not an undefined-symbol traceback), and where the library is found."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import esamp
+from esamp import ops
+
+
+def test_build_info_matches_the_running_torch():
+    info = ops.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert int(info["torch_cxx11_abi"]) == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert info["torch_cuda"] == (torch.version.cuda or "")
+    assert (info["cuda_kernels"] == "ON") == ops.has_cuda_kernels("reweight")
+    assert os.path.exists(info["library"]) and ops.torch_mismatch(info) is None
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"torch_version": "2.13.0+cpu"}, "torch 2.13.0+cpu was used to build it"),
+    ({"torch_cxx11_abi": 0}, "C++11 ABI 0 at build time, 1 now"),
+    ({"cuda_kernels": "ON", "torch_cuda": "12.8"}, "CUDA kernels built for CUDA 12.8"),
+])
+def test_torch_mismatch_names_what_differs(change, expect):
+    info = dict(ops.build_info(), **change)
+    why = ops.torch_mismatch(info, version="2.14.1+cu130", cxx11_abi=True, cuda="13.0")
+    assert why is not None and expect in why, why
+
+
+def test_torch_mismatch_accepts_what_works():
+    info = {"torch_version": "2.14.1+cu130", "torch_cxx11_abi": 1, "torch_cuda": "13.0", "cuda_kernels": "OFF"}
+    assert ops.torch_mismatch(info, version="2.14.1+cu130", cxx11_abi=True, cuda="13.0") is None
+    # The local tag is CUDA's; a CPU-kernel-only build does not depend on torch's CUDA.
+    assert ops.torch_mismatch(info, version="2.14.1+cpu", cxx11_abi=True, cuda=None) is None
+    with_cuda = dict(info, cuda_kernels="ON")
+    assert ops.torch_mismatch(with_cuda, version="2.14.1+cu130", cxx11_abi=True, cuda="13.2") is None
+    assert "none (CPU-only build)" in ops.torch_mismatch(with_cuda, version="2.14.1", cxx11_abi=True, cuda=None)
+
+
+def _copy_package(dst, build_info_change):
+    """A copy of the installed (or working-tree) package with its real _C.so and an edited _build_info.json."""
+    src = os.path.dirname(esamp.__file__)
+    pkg = dst / "esamp"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "_C.so", "_build_info.json"))
+    lib = ops.build_info()["library"]
+    shutil.copy(os.path.realpath(lib), pkg / "_C.so")
+    info = {k: v for k, v in ops.build_info().items() if k != "library"}
+    info.update(build_info_change)
+    (pkg / "_build_info.json").write_text(json.dumps(info))
+    return pkg
+
+
+def _import_in_subprocess(path, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "ESAMP_SKIP_TORCH_CHECK"}
+    env["PYTHONPATH"] = str(path)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", "import esamp, sys; print('loaded', esamp.ops.build_info()['library'])"],
+                          cwd=str(path), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_with_another_torch_raises_a_clear_import_error(tmp_path):
+    _copy_package(tmp_path, {"torch_version": "2.9.0+cu126"})
+    r = _import_in_subprocess(tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: esamp: the compiled extension"), r.stderr
+    assert "torch 2.9.0+cu126 was used to build it" in last and "pip install torch==2.9.0" in last
+    assert "pip install --no-build-isolation --no-deps --force-reinstall ." in last
+    # The same copy with the true build information loads (the copy itself is sound).
+    _copy_package(tmp_path / "ok", {})
+    ok = _import_in_subprocess(tmp_path / "ok")
+    assert ok.returncode == 0 and "loaded" in ok.stdout, ok.stderr
+    # ESAMP_SKIP_TORCH_CHECK=1 skips the check (this library does load with this torch).
+    forced = _import_in_subprocess(tmp_path, {"ESAMP_SKIP_TORCH_CHECK": "1"})
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_missing_library_raises_an_import_error_with_the_install_command(tmp_path):
+    pkg = _copy_package(tmp_path, {})
+    os.remove(pkg / "_C.so")
+    r = _import_in_subprocess(tmp_path)
+    assert r.returncode != 0
+    assert "ImportError: esamp: compiled library _C.so not found" in r.stderr
+    assert "pip install --no-build-isolation ." in r.stderr
