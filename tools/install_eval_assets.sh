@@ -58,5 +58,6 @@ models=qwen2.5-coder-0.5b
 [ "$GPU" = 1 ] && models="$models,qwen2.5-coder-1.5b"
 [ "$DATA_ONLY" = 1 ] && models=""
 log "assembling and verifying: $models"
-PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m esamp.eval.assets install --models "$models"
+# (run as a file: it needs only the standard library, not the compiled extension, which may not be built yet)
+"$PY" python/esamp/eval/assets.py install --models "$models"
 log "done"

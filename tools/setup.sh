@@ -127,6 +127,9 @@ if [ "$WITH_TEST" = 1 ]; then
     optional sglang "the SGLang plugin tests will skip (an error under CI)" \
       run_script tools/install_sglang.sh
   fi
+  log "installing the benchmark data and graders for the suite tests (tools/install_eval_assets.sh --data-only)"
+  optional evaldata "tests/test_suites.py will skip its data tests (an error under CI)" \
+    env PYTHON="$VENV_PY" bash tools/install_eval_assets.sh --data-only
 fi
 
 # ---------------------------------------------------------------------------------------------- the evaluation

