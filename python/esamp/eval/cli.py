@@ -306,10 +306,11 @@ def _cmd_suite(args, log) -> int:
 def _aggregate_suite(args, methods, out, log) -> int:
     from . import suite_eval, suites
 
-    suite = suites.get_suite(args.suite, args.split, tokenizer=_tokenizer_only(args))
+    tok = _tokenizer_only(args)
+    suite = suites.get_suite(args.suite, args.split, tokenizer=tok)
     res = suite_eval.aggregate(out, suite, methods, n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
                                model_name=args.model or "smollm2-135m", dtype=args.dtype,
-                               batch_rows=args.batch_rows, baseline=args.baseline)
+                               batch_rows=args.batch_rows, baseline=args.baseline, tokenizer=tok)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = suite_eval.render_markdown(res)

@@ -158,7 +158,7 @@ def score_run(out, model, embedder, *, pad_id: int, eos_ids: Sequence[int],
     per_prompt: Dict[str, List[float]] = {"similarity": [], "vendi": [], "distinct_1": [], "distinct_2": [],
                                           "nll": [], "tokens": [], "eos": [], "samples": [], "loops": [],
                                           "tail": [], "within_distinct_2": []}
-    ws_ids = metrics.whitespace_token_ids(tokenizer, [t for g in out.token_ids for ids in g for t in ids]) \
+    ws_ids = metrics.ignored_token_ids(tokenizer, [t for g in out.token_ids for ids in g for t in ids]) \
         if tokenizer is not None else []
     if base_logprobs is None:
         prompts, comps = [], []

@@ -81,7 +81,7 @@ def _run_chunk(model, tokenizer, suite, method: Method, chunk_pos: Sequence[int]
     wall = time.perf_counter() - t0
     ok = suite.grade(probs, out.texts)
     eos = set(hf._eos_ids(model, tokenizer))
-    ws = metrics.whitespace_token_ids(tokenizer, [t for g in out.token_ids for ids in g for t in ids])
+    ws = metrics.ignored_token_ids(tokenizer, [t for g in out.token_ids for ids in g for t in ids])
     rec = {"method": method.name, "seed": seed, "problems": [p["id"] for p in probs],
            "indices": [p["index"] for p in probs], "texts": out.texts, "correct": ok,
            "tokens": [[len(ids) for ids in g] for g in out.token_ids],
@@ -183,9 +183,21 @@ def bootstrap_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *
             "hi": np.quantile(means, 0.95, axis=0).tolist(), "p_le_0": (means <= 0).mean(axis=0).tolist()}
 
 
+def _loop_flags(rec: Dict[str, Any], tokenizer) -> List[List[bool]]:
+    """Loop flags of a chunk's samples recomputed with the current rule (esamp.metrics.find_loop) from the stored
+    token ids (or, for chunks stored without them, the re-tokenised texts)."""
+    from .. import metrics
+
+    ids = rec.get("token_ids")
+    if ids is None:
+        ids = [[tokenizer(t, add_special_tokens=False)["input_ids"] for t in g] for g in rec["texts"]]
+    ign = metrics.ignored_token_ids(tokenizer, [t for g in ids for s in g for t in s])
+    return [[metrics.has_loop(s, tx, ignore_ids=ign) for s, tx in zip(g, tg)] for g, tg in zip(ids, rec["texts"])]
+
+
 def aggregate(out_dir: str, suite, methods: Sequence[Method], *, n: int, max_new_tokens: Optional[int] = None,
               seeds: Sequence[int] = (0,), model_name: str = "model", dtype: str = "float32", batch_rows: int = 256,
-              baseline: Optional[str] = None, allow_missing: bool = False) -> Dict[str, Any]:
+              baseline: Optional[str] = None, allow_missing: bool = False, tokenizer=None) -> Dict[str, Any]:
     """Results of every method from the cached chunks: pass@k curves (per seed and mean), per-problem curves,
     degeneration figures, and the paired bootstrap of every method against `baseline` (default: the first
     method whose family is not "esamp")."""
@@ -208,8 +220,9 @@ def aggregate(out_dir: str, suite, methods: Sequence[Method], *, n: int, max_new
         for s in seeds:
             pcurves = []
             for rec in recs[m.name][s]:
+                loops = _loop_flags(rec, tokenizer) if tokenizer is not None else rec["loop"]
                 for pid, ok, toks, tr, lp in zip(rec["problems"], rec["correct"], rec["tokens"], rec["truncated"],
-                                                 rec["loop"]):
+                                                 loops):
                     c = pass_at_k_curve(n, int(sum(ok)))
                     curves_by_pid.setdefault(pid, []).append(c)
                     pcurves.append(c)
