@@ -60,8 +60,24 @@ def _import_in_subprocess(path, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "ESAMP_SKIP_TORCH_CHECK"}
     env["PYTHONPATH"] = str(path)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", "import esamp, sys; print('loaded', esamp.ops.build_info()['library'])"],
-                          cwd=str(path), env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], cwd=str(path), env=env, capture_output=True, text=True,
+                       timeout=300)
+    # The probe must have imported the copy under `path`, not the package under test (see _IMPORT_PROBE).
+    assert f"imported {os.path.realpath(path / 'esamp')}" in r.stdout, r.stdout + r.stderr[-2000:]
+    return r
+
+
+# An editable install (pip install -e .) puts scikit-build-core's redirecting finder first on sys.meta_path: it
+# maps `esamp` to the source tree whatever PYTHONPATH says.  The probe removes that finder, so the copy on
+# PYTHONPATH is what gets imported, and reports which package it imported before loading the library.
+_IMPORT_PROBE = """
+import importlib.util, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
+spec = importlib.util.find_spec("esamp")
+print("imported", os.path.realpath(os.path.dirname(spec.origin)), flush=True)
+import esamp
+print("loaded", esamp.ops.build_info()["library"])
+"""
 
 
 def test_import_with_another_torch_raises_a_clear_import_error(tmp_path):

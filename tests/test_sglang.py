@@ -583,7 +583,9 @@ def test_plugin_loads_through_sglang_entry_point(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: esamp-sglang-probe\nVersion: 0\n")
     (dist / "entry_points.txt").write_text('[sglang.srt.plugins]\nesamp = esamp.integrations.sglang:register\n')
-    env = dict(os.environ, PYTHONPATH=os.path.join(root, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    # The esamp under test (installed package, or the working tree with tools/build_inplace.sh's _C.so link).
+    here = os.path.dirname(os.path.dirname(os.path.abspath(esamp.__file__)))
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""),
                SGLANG_PLUGINS="esamp")
     env.pop("ESAMP_SGLANG_CONFIG", None)
     out = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE, str(tmp_path)], env=env, capture_output=True,
