@@ -119,8 +119,15 @@ def main(argv=None):
         if "token_ids" in data:
             samples = data["token_ids"][pi]
             index = data.get("indices", list(range(len(data["token_ids"]))))[pi]
+        elif "texts" in data:
+            # Caches written before token ids were stored: re-encode the decoded samples.  The re-encoded ids can
+            # differ from the sampled ones where a text has several tokenisations, but they are a trajectory of
+            # the same text, which is what the replay needs (the distiller sees these rows either way).
+            samples = [tok(t, add_special_tokens=False)["input_ids"] for t in data["texts"][pi]]
+            index = data.get("indices", list(range(len(data["texts"]))))[pi]
+            res.setdefault("notes", []).append(f"problem {index}: token ids re-encoded from the stored texts")
         else:
-            raise SystemExit(f"{args.samples}: no token_ids (run the evaluation with a version that stores them)")
+            raise SystemExit(f"{args.samples}: neither token_ids nor texts")
         prompt = suite.prompts[index]
         prompt_ids = hf._encode(tok, [prompt], True)[0]
         t0 = time.perf_counter()
