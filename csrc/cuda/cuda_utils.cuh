@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "esamp/common.h"
+#include "esamp/cuda_plan.h"
 
 namespace esamp {
 namespace cuda_detail {
@@ -120,12 +121,66 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
   return scratch[wid] + incl - v;
 }
 
+// Block-wide exclusive prefix sum of non-negative 64-bit values (same contract as above, scratch: >= 33).
+__device__ __forceinline__ unsigned long long block_exclusive_scan_u64(unsigned long long v, unsigned long long* scratch,
+                                                                       unsigned long long* total) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  unsigned long long incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long t = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += t;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[wid] = incl;
+  __syncthreads();
+  if (wid == 0) {
+    const unsigned long long w = lane < nw ? scratch[lane] : 0ull;
+    unsigned long long wi = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned long long t = __shfl_up_sync(kFullMask, wi, o);
+      if (lane >= o) wi += t;
+    }
+    if (lane < nw) scratch[lane] = wi - w;
+    if (lane == 31) scratch[32] = wi;
+  }
+  __syncthreads();
+  *total = scratch[32];
+  return scratch[wid] + incl - v;
+}
+
+// Device facts for the planners (host side; cached per device, no stream operation, capture-safe).
+inline DeviceInfo device_info_base() {
+  static DeviceInfo cache[64];
+  static bool have[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{};
+  if (!have[dev]) {
+    DeviceInfo d;
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) d.sm_count = v;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess) d.cc_major = v;
+    d.max_cluster = 1;
+    cache[dev] = d;
+    have[dev] = true;
+  }
+  return cache[dev];
+}
+
 // Grid sizing helpers.
 inline unsigned grid_dim(int64_t n, int64_t per_block, int64_t cap = 0x7fffffffLL) {
   int64_t g = (n + per_block - 1) / per_block;
   if (g < 1) g = 1;
   if (g > cap) g = cap;
   return static_cast<unsigned>(g);
+}
+
+// Blocks of a persistent (grid-stride) kernel over at most `items` work items.
+inline unsigned persistent_grid(int64_t items, int per_sm = 4) {
+  const int64_t cap = static_cast<int64_t>(device_info_base().sm_count) * per_sm;
+  int64_t g = items < cap ? items : cap;
+  return static_cast<unsigned>(g < 1 ? 1 : g);
 }
 
 }  // namespace cuda_detail

@@ -10,6 +10,7 @@ namespace esamp {
 
 // Workspace bytes distiller_forward_cuda needs (<= distiller_cuda_workspace_bytes, which is the
 // train-step size: forward does not need the gradient buffers).
-size_t distiller_cuda_forward_workspace_bytes(const DistillerShape& sh, int64_t S, int64_t N);
+size_t distiller_cuda_forward_workspace_bytes(const DistillerShape& sh, int64_t S, int64_t N, int engine = -1,
+                                              bool have_cublas = true);
 
 }  // namespace esamp

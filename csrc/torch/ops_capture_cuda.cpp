@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <climits>
+
 #include "validate.h"
 
 namespace esamp_torch {
@@ -12,7 +14,7 @@ namespace {
 void capture_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& residual, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   esamp::CaptureProblem pr = make_capture_problem(hidden, residual, out);
-  TORCH_CHECK(pr.N <= 65535, "hidden: expected at most 65535 rows on CUDA, got ", pr.N);
+  TORCH_CHECK(pr.N <= INT_MAX, "hidden: expected at most ", INT_MAX, " rows on CUDA, got ", pr.N);
   check_status(esamp::capture_cuda(pr, c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream()), "capture");
 }
 

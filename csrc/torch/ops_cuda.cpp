@@ -6,9 +6,12 @@
 // (that would need a host sync); the kernels treat out-of-range values defensively, see the top of
 // csrc/cuda/reweight.cu and csrc/cuda/distiller.cu.
 //
-// The kernels do not use cuBLAS (segmented SIMT GEMMs, see csrc/cuda/distiller.cu), so no cuBLAS
-// handle is passed (nullptr).
+// The distiller gets torch's current cuBLAS handle (bound to the current stream, with torch's workspace
+// for that stream, so its GEMMs are graph-capturable).  Engine choices are made by the plans of
+// esamp/cuda_plan.h; ESAMP_CUDA_DISTILLER_ENGINE=auto|simt|cublas and ESAMP_CUDA_REWEIGHT_DENSE=auto|off|force
+// override them for tests and measurements.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -17,6 +20,7 @@
 #include <climits>
 
 #include "../cuda/distiller_cuda.cuh"
+#include "esamp/cuda_plan.h"
 #include "validate.h"
 
 namespace esamp_torch {
@@ -29,9 +33,24 @@ void check_on_cuda(const at::Tensor& t, const char* name) {
               t.device());
 }
 
-// Workspace from the caching allocator (at least 1 byte so that data_ptr is valid).
+// Workspace from the caching allocator (at least 1 byte so that data_ptr is valid; its blocks are 512-byte
+// aligned, the kernels need 256).
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+}
+
+int dense_setting() {
+  const int d = esamp::reweight_dense_from_env();
+  TORCH_CHECK(d != -2, "ESAMP_CUDA_REWEIGHT_DENSE: expected auto, off or force, got '",
+              std::getenv("ESAMP_CUDA_REWEIGHT_DENSE"), "'");
+  return d;
+}
+
+int distiller_engine() {
+  const int e = esamp::distiller_engine_from_env();
+  TORCH_CHECK(e != -2, "ESAMP_CUDA_DISTILLER_ENGINE: expected auto, simt or cublas, got '",
+              std::getenv("ESAMP_CUDA_DISTILLER_ENGINE"), "'");
+  return e;
 }
 
 std::tuple<at::Tensor, at::Tensor> reweight_cuda(const at::Tensor& logits, const at::Tensor& pred_hidden,
@@ -44,14 +63,16 @@ std::tuple<at::Tensor, at::Tensor> reweight_cuda(const at::Tensor& logits, const
                                                     temperature, top_k, top_p, min_p, &seed, &step);
   check_on_cuda(logits, "logits");
   TORCH_CHECK(pr.V < INT_MAX - 8192, "logits: expected V < ", INT_MAX - 8192, " on CUDA, got ", pr.V);
+  TORCH_CHECK(pr.B <= INT_MAX / 8, "logits: expected at most ", INT_MAX / 8, " rows on CUDA, got ", pr.B);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor tokens = at::empty({pr.B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({pr.B}, logits.options().dtype(at::kFloat));
   if (pr.B > 0) {
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr);
+    const int dense = dense_setting();
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, false);
     at::Tensor ws = workspace(ws_bytes, logits);
     check_status(esamp::reweight_cuda(pr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), ws.data_ptr(),
-                                      ws_bytes, nullptr, current_stream(logits.device())),
+                                      ws_bytes, dense, current_stream(logits.device())),
                  "reweight");
   }
   return {tokens, logprobs};
@@ -65,12 +86,14 @@ at::Tensor reweight_logits_cuda(const at::Tensor& logits, const at::Tensor& pred
                                                     temperature, top_k, top_p, min_p, nullptr, nullptr);
   check_on_cuda(logits, "logits");
   TORCH_CHECK(pr.V < INT_MAX - 8192, "logits: expected V < ", INT_MAX - 8192, " on CUDA, got ", pr.V);
+  TORCH_CHECK(pr.B <= INT_MAX / 8, "logits: expected at most ", INT_MAX / 8, " rows on CUDA, got ", pr.B);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({pr.B, pr.V}, logits.options().dtype(at::kFloat));
   if (pr.B > 0) {
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr);
+    const int dense = dense_setting();
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, true);
     at::Tensor ws = workspace(ws_bytes, logits);
-    check_status(esamp::reweight_logits_cuda(pr, out.data_ptr<float>(), pr.V, ws.data_ptr(), ws_bytes, nullptr,
+    check_status(esamp::reweight_logits_cuda(pr, out.data_ptr<float>(), pr.V, ws.data_ptr(), ws_bytes, dense,
                                              current_stream(logits.device())),
                  "reweight_logits");
   }
@@ -81,7 +104,7 @@ at::Tensor mix_hidden_cuda(const at::Tensor& hidden, const at::Tensor& pred_hidd
   at::Tensor out;
   esamp::MixHiddenProblem pr = make_mix_hidden_problem(hidden, pred_hidden, beta, out);
   check_on_cuda(hidden, "hidden");
-  TORCH_CHECK(pr.B <= 65535, "hidden: expected at most 65535 rows on CUDA, got ", pr.B);
+  TORCH_CHECK(pr.B <= INT_MAX, "hidden: expected at most ", INT_MAX, " rows on CUDA, got ", pr.B);
   const c10::cuda::CUDAGuard guard(hidden.device());
   if (pr.B > 0 && pr.H > 0) check_status(esamp::mix_hidden_cuda(pr, current_stream(hidden.device())), "mix_hidden");
   return out;
@@ -107,11 +130,13 @@ at::Tensor distiller_forward_cuda(const at::Tensor& params, const at::Tensor& x,
   const c10::cuda::CUDAGuard guard(params.device());
   at::Tensor out = at::empty({rows.N, sh.H}, x.options().dtype(a.out_dtype));
   if (rows.N > 0) {
-    const size_t ws_bytes = esamp::distiller_cuda_forward_workspace_bytes(sh, S, rows.N);
+    const int engine = distiller_engine();
+    const size_t ws_bytes = esamp::distiller_cuda_forward_workspace_bytes(sh, S, rows.N, engine, true);
     at::Tensor ws = workspace(ws_bytes, params);
     check_status(esamp::distiller_forward_cuda(sh, params.data_ptr<float>(), S, rows, out.data_ptr(),
-                                               a.out_kernel_dtype, sh.H, ws.data_ptr(), ws_bytes, nullptr,
-                                               current_stream(params.device())),
+                                               a.out_kernel_dtype, sh.H, ws.data_ptr(), ws_bytes,
+                                               at::cuda::getCurrentCUDABlasHandle(),
+                                               current_stream(params.device()), engine),
                  "distiller_forward");
   }
   return out;
@@ -129,11 +154,13 @@ void distiller_train_step_cuda(at::Tensor& params, at::Tensor& exp_avg, at::Tens
   check_on_cuda(params, "params");
   check_distiller_limits(sh, S, rows.N);
   const c10::cuda::CUDAGuard guard(params.device());
-  const size_t ws_bytes = esamp::distiller_cuda_workspace_bytes(sh, S, rows.N);
+  const int engine = distiller_engine();
+  const size_t ws_bytes = esamp::distiller_cuda_workspace_bytes(sh, S, rows.N, engine, true);
   at::Tensor ws = workspace(ws_bytes, params);
   check_status(esamp::distiller_train_step_cuda(sh, a.cfg, a.bank, rows, losses.data_ptr<float>(),
-                                                stats.data_ptr<double>(), ws.data_ptr(), ws_bytes, nullptr,
-                                                current_stream(params.device())),
+                                                stats.data_ptr<double>(), ws.data_ptr(), ws_bytes,
+                                                at::cuda::getCurrentCUDABlasHandle(),
+                                                current_stream(params.device()), engine),
                "distiller_train_step");
 }
 

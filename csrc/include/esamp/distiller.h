@@ -68,15 +68,32 @@ Status distiller_reset_cpu(const DistillerShape& sh, DistillerBank bank, const i
 }  // namespace esamp
 #include <cuda_runtime.h>
 namespace esamp {
-size_t distiller_cuda_workspace_bytes(const DistillerShape& sh, int64_t S, int64_t N);
+// CUDA distiller (csrc/cuda/distiller.cu; engines and sizing in esamp/cuda_plan.h).
+//   cublas_handle: a cublasHandle_t already bound to `stream` with a workspace set (cublasSetStream +
+//                  cublasSetWorkspace, as torch's current handle is), or nullptr (SIMT engine only).
+//   engine: -1 auto, 0 SIMT, 1 cuBLAS row products (see plan_distiller).
+// The workspace size depends on the current device (its SM count) and on the engine request.
+size_t distiller_cuda_workspace_bytes(const DistillerShape& sh, int64_t S, int64_t N, int engine = -1,
+                                      bool have_cublas = true);
 Status distiller_forward_cuda(const DistillerShape& sh, const float* params, int64_t S, const RowsIn& rows,
                               void* out, DType out_dtype, int64_t out_stride, void* workspace,
-                              size_t workspace_bytes, void* cublas_handle, cudaStream_t stream);
+                              size_t workspace_bytes, void* cublas_handle, cudaStream_t stream, int engine = -1);
 Status distiller_train_step_cuda(const DistillerShape& sh, const AdamConfig& cfg, DistillerBank bank,
                                  const RowsIn& rows, float* losses, double* stats, void* workspace,
-                                 size_t workspace_bytes, void* cublas_handle, cudaStream_t stream);
+                                 size_t workspace_bytes, void* cublas_handle, cudaStream_t stream, int engine = -1);
 Status distiller_reset_cuda(const DistillerShape& sh, DistillerBank bank, const int64_t* slots, int64_t n,
                             uint64_t seed, const float* gamma_init, cudaStream_t stream);
+
+// A host-readable copy of the float64[kNumStats] counters in mapped pinned memory, written by a kernel on
+// the stream after each update (a sequence lock: seq_begin, values, seq_end, each store made visible to
+// the host in that order), so that the host reads a consistent snapshot without any synchronisation.
+struct StatsMirror {
+  volatile unsigned long long seq_begin;
+  volatile double v[kNumStats];
+  volatile unsigned long long seq_end;
+};
+// mirror: the device pointer of a StatsMirror in mapped pinned memory; seq: the update number written.
+Status stats_mirror_cuda(const double* stats, StatsMirror* mirror, unsigned long long seq, cudaStream_t stream);
 #endif
 
 }  // namespace esamp

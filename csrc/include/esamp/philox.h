@@ -65,11 +65,18 @@ ESAMP_HD float gumbel_from_word(uint32_t w) {
   return -logf(-logf(u));
 }
 
+// Word i (0..3) of a Philox result with selects (no dynamically indexed array: registers on the GPU).
+ESAMP_HD uint32_t pick_word(const U32x4& w, uint32_t i) {
+  const uint32_t lo = (i & 1u) ? w.v[1] : w.v[0];
+  const uint32_t hi = (i & 1u) ? w.v[3] : w.v[2];
+  return (i & 2u) ? hi : lo;
+}
+
 // Gumbel noise for (seed, step, token id v) exactly as SPEC section 4.
 ESAMP_HD float gumbel_noise(int64_t seed, int64_t step, int64_t v) {
   U32x4 r = gumbel_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                          static_cast<uint32_t>(static_cast<uint64_t>(v) >> 2));
-  return gumbel_from_word(r.v[v & 3]);
+  return gumbel_from_word(pick_word(r, static_cast<uint32_t>(v & 3)));
 }
 
 // Standard normal from Philox (Box-Muller), used for distiller initialisation: element p of a slot.

@@ -51,12 +51,14 @@ Status mix_hidden_cpu(const MixHiddenProblem& pr);
 }  // namespace esamp
 #include <cuda_runtime.h>
 namespace esamp {
-// Workspace bytes the CUDA reweight kernels need for a problem (0 allowed).
-size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr);
+// CUDA reweight (csrc/cuda/reweight.cu; plan in esamp/cuda_plan.h).  dense: -1 auto, 0 never (sparse dot
+// products only), 1 every beta > 0 sampled row takes the dense GEMM path (tests / measurements).  The
+// workspace size depends on the current device (blocks per row) and on the dense setting.
+size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr, int dense = -1, bool logits_out = false);
 Status reweight_cuda(const ReweightProblem& pr, int64_t* tokens, float* logprobs, void* workspace,
-                     size_t workspace_bytes, void* cublas_handle, cudaStream_t stream);
+                     size_t workspace_bytes, int dense, cudaStream_t stream);
 Status reweight_logits_cuda(const ReweightProblem& pr, float* out, int64_t out_stride, void* workspace,
-                            size_t workspace_bytes, void* cublas_handle, cudaStream_t stream);
+                            size_t workspace_bytes, int dense, cudaStream_t stream);
 Status mix_hidden_cuda(const MixHiddenProblem& pr, cudaStream_t stream);
 #endif
 
