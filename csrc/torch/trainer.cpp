@@ -5,6 +5,16 @@
 //   CUDA: a dedicated stream of the highest priority; rows are copied into the ring on the caller's
 //         stream (so later writes by the caller are ordered after the copy), the trainer stream waits on
 //         an event and trains; predict() makes the caller's stream wait on the last update's event.
+//         Stream ordering (every cross-stream use is ordered by an event and recorded with record_stream):
+//           construction: the bank, the ring and the init kernels live on the trainer stream, after an
+//                         event of the constructing stream (gamma_init may have been written there);
+//           load_state  : the trainer stream waits for the caller's stream before it copies the sources;
+//           read-outs   : clones made on the trainer stream are recorded on the caller's stream;
+//           destruction : waits for the trainer stream before the bank, ring and mirror are released.
+//         Counters: after every update a kernel on the trainer stream copies them into mapped pinned host
+//         memory (a sequence lock, esamp::StatsMirror), so stats() reads them on the host without any
+//         copy or stream synchronisation; stats(fresh=true) waits only for the host-side event of the
+//         last update when the mirror is behind (never blocking a stream).
 // Ordering guarantee: predict() after observe() of step n sees the update of step n (and all before).
 // Training calls go through the dispatcher (torch.ops.esamp.distiller_*), so each backend's kernels are
 // used unchanged.
@@ -14,6 +24,7 @@
 #include <torch/library.h>
 
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -22,6 +33,9 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
 #endif
 
 #include "validate.h"
@@ -71,31 +85,43 @@ class Trainer : public torch::CustomClassHolder {
     TORCH_CHECK(ring_segments >= 1 && ring_segments <= 64, "ring_segments: expected in [1, 64], got ", ring_segments);
     check_adam(lr, beta1, beta2, adam_eps, clip);
     dev_ = c10::Device(device);
-    esamp::DistillerShape sh;
-    sh.H = H_; sh.R = R_; sh.L = L_;
     TORCH_CHECK(rank >= 1 && layers >= 1 && hidden_size >= 1, "hidden_size/rank/layers: expected >= 1, got ",
                 hidden_size, "/", rank, "/", layers);
-    auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev_);
-    params_ = at::empty({S_, sh.params_per_slot()}, f32);
-    exp_avg_ = at::zeros_like(params_);
-    exp_avg_sq_ = at::zeros_like(params_);
-    step_ = at::zeros({S_}, f32.dtype(at::kLong));
-    counters_ = at::zeros({esamp::kNumStats}, f32.dtype(at::kDouble));
-    losses_ = at::full({S_}, NAN, f32);
-    if (gamma_init.has_value()) gamma_init_ = gamma_init->to(dev_, at::kFloat).contiguous();
-    ring_x_ = at::empty({K_, ring_rows_, H_}, f32);
-    ring_t_ = at::empty({K_, ring_rows_, H_}, f32);
-    ring_s_ = at::empty({K_, ring_rows_}, f32.dtype(at::kLong));
-    seg_busy_.assign(K_, false);
-    run_reset(at::arange(S_, f32.dtype(at::kLong)));
 #if defined(ESAMP_WITH_CUDA)
     if (dev_.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(dev_);
+      auto caller = c10::cuda::getCurrentCUDAStream(dev_.index());
+      if (gamma_init.has_value()) gamma_init_ = gamma_init->to(dev_, at::kFloat).contiguous();  // caller's stream
       stream_opt_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev_.index());
+      at::cuda::CUDAEvent ready;
+      ready.record(caller);
+      ready.block(stream());
+      if (gamma_init_.has_value()) gamma_init_->record_stream(stream());
       seg_done_.resize(K_);
+      void* host = nullptr;
+      TORCH_CHECK(cudaHostAlloc(&host, sizeof(esamp::StatsMirror), cudaHostAllocMapped) == cudaSuccess,
+                  "esamp.Trainer: cudaHostAlloc of the counters mirror failed: ", cudaGetErrorString(cudaGetLastError()));
+      mirror_host_ = static_cast<esamp::StatsMirror*>(host);
+      std::memset(host, 0, sizeof(esamp::StatsMirror));
+      void* dptr = nullptr;
+      TORCH_CHECK(cudaHostGetDevicePointer(&dptr, host, 0) == cudaSuccess,
+                  "esamp.Trainer: cudaHostGetDevicePointer of the counters mirror failed");
+      mirror_dev_ = static_cast<esamp::StatsMirror*>(dptr);
+      last_good_ = at::zeros({esamp::kNumStats}, at::TensorOptions().dtype(at::kDouble));
+      {
+        c10::cuda::CUDAStreamGuard sg(stream());
+        allocate();
+        run_reset(at::arange(S_, at::TensorOptions().dtype(at::kLong).device(dev_)));
+        publish_counters();
+      }
+      last_update_.record(stream());  // predict() right after construction waits for the init kernels
       return;
     }
 #endif
     TORCH_CHECK(dev_.is_cpu(), "device: expected 'cpu' or a CUDA device with a CUDA build, got ", device);
+    if (gamma_init.has_value()) gamma_init_ = gamma_init->to(dev_, at::kFloat).contiguous();
+    allocate();
+    run_reset(at::arange(S_, at::TensorOptions().dtype(at::kLong).device(dev_)));
     worker_ = std::thread([this] { this->loop(); });
   }
 
@@ -106,6 +132,17 @@ class Trainer : public torch::CustomClassHolder {
     }
     cv_job_.notify_all();
     if (worker_.joinable()) worker_.join();
+#if defined(ESAMP_WITH_CUDA)
+    if (dev_.is_cuda() && stream_opt_.has_value()) {
+      // Pending updates still read the ring and write the bank and the mirror: let them finish before the
+      // tensors go back to the caching allocator and the mirror is freed.  (A destructor cannot report
+      // errors; a failed synchronisation leaves the mirror allocated rather than freeing it under a kernel.)
+      const c10::cuda::CUDAGuard guard(dev_);
+      const bool done = cudaStreamSynchronize(stream().stream()) == cudaSuccess;
+      if (done && mirror_host_) cudaFreeHost(mirror_host_);
+      mirror_host_ = nullptr;
+    }
+#endif
   }
 
   // Predictions for rows x with per-row slot ids; sees every update observed before this call.
@@ -114,7 +151,9 @@ class Trainer : public torch::CustomClassHolder {
   at::Tensor predict(const at::Tensor& x, const at::Tensor& slot_ids) {
 #if defined(ESAMP_WITH_CUDA)
     if (dev_.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(dev_);
       wait_updates();
+      params_.record_stream(c10::cuda::getCurrentCUDAStream(dev_.index()));  // read on the caller's stream
       return forward_op().call(params_, x, slot_ids, R_, L_, norm_eps_, std::nullopt);
     }
 #endif
@@ -150,12 +189,14 @@ class Trainer : public torch::CustomClassHolder {
       ring_x_[seg].narrow(0, 0, N).copy_(x, /*non_blocking=*/true);
       ring_t_[seg].narrow(0, 0, N).copy_(t, true);
       ring_s_[seg].narrow(0, 0, N).copy_(slot_ids, true);
+      for (at::Tensor* r : {&ring_x_, &ring_t_, &ring_s_}) r->record_stream(caller);  // written on that stream
       at::cuda::CUDAEvent copied;
       copied.record(caller);
       copied.block(stream());
       {
         c10::cuda::CUDAStreamGuard sg(stream());
         train_segment(seg, N);
+        publish_counters();
       }
       seg_done_[seg].record(stream());
       last_update_.record(stream());
@@ -219,6 +260,7 @@ class Trainer : public torch::CustomClassHolder {
   void synchronize() {
 #if defined(ESAMP_WITH_CUDA)
     if (dev_.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(dev_);
       stream().synchronize();
       return;
     }
@@ -228,15 +270,24 @@ class Trainer : public torch::CustomClassHolder {
     rethrow_locked();
   }
 
-  // Copy of the counters (rows trained, rows skipped, loss sum, steps) as of the last finished update.
-  // CPU: taken under the lock without waiting for queued work.  CUDA: a device copy ordered after the
-  // last update on the trainer stream (no host sync; reading it on the host syncs only on that copy).
-  at::Tensor stats() {
+  // The counters (rows trained, rows skipped, loss sum, steps) as a float64 [4] tensor.
+  // CPU: as of the last finished update, taken under the lock without waiting for queued work.
+  // CUDA: a host tensor read from the pinned mirror -- no copy, no stream synchronisation.  fresh=true
+  // (the default) returns the counters of every update observed before the call, waiting on the host for
+  // the last update's event only when the mirror is behind; fresh=false never waits (the counters as of the
+  // last finished update).
+  at::Tensor stats(bool fresh) {
 #if defined(ESAMP_WITH_CUDA)
     if (dev_.is_cuda()) {
+      unsigned long long seq = 0;
+      at::Tensor c = read_mirror(&seq);
+      const unsigned long long want = published_.load();
+      if (!fresh || seq >= want) return c;
       const c10::cuda::CUDAGuard guard(dev_);
-      c10::cuda::CUDAStreamGuard sg(stream());
-      at::Tensor c = counters_.clone();
+      last_update_.synchronize();  // host-side wait for one event; no stream is stalled
+      for (int spin = 0; spin < 1000 && seq < want; ++spin) c = read_mirror(&seq);
+      TORCH_CHECK(seq >= want, "esamp.Trainer: the counters mirror is behind after the last update (", seq, " < ",
+                  want, ")");
       return c;
     }
 #endif
@@ -265,6 +316,30 @@ class Trainer : public torch::CustomClassHolder {
     for (int i = 0; i < 5; ++i)
       TORCH_CHECK(src[i].sizes() == dst[i]->sizes(), "state[", names[i], "]: expected shape ", shape_str(*dst[i]),
                   ", got ", shape_str(src[i]));
+#if defined(ESAMP_WITH_CUDA)
+    if (dev_.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(dev_);
+      auto caller = c10::cuda::getCurrentCUDAStream(dev_.index());
+      // Sources on the device may still be written by work queued on the caller's stream: convert them
+      // there, then the trainer stream waits for that stream before copying.
+      std::vector<at::Tensor> conv(5);
+      for (int i = 0; i < 5; ++i) conv[i] = src[i].to(dev_, dst[i]->scalar_type());
+      at::cuda::CUDAEvent ready;
+      ready.record(caller);
+      ready.block(stream());
+      {
+        c10::cuda::CUDAStreamGuard sg(stream());
+        for (int i = 0; i < 5; ++i) {
+          dst[i]->copy_(conv[i], /*non_blocking=*/true);
+          if (conv[i].is_cuda()) conv[i].record_stream(stream());
+        }
+        publish_counters();
+      }
+      last_update_.record(stream());
+      stream().synchronize();  // the sources may be host memory the caller reuses at once
+      return;
+    }
+#endif
     read_bank([&] {  // the worker is held off, so writing here is exclusive with updates too
       for (int i = 0; i < 5; ++i) dst[i]->copy_(src[i].to(dst[i]->device(), dst[i]->scalar_type()));
       return std::vector<at::Tensor>{};
@@ -284,12 +359,16 @@ class Trainer : public torch::CustomClassHolder {
 #if defined(ESAMP_WITH_CUDA)
     if (dev_.is_cuda()) {
       const c10::cuda::CUDAGuard guard(dev_);
+      auto caller = c10::cuda::getCurrentCUDAStream(dev_.index());
       std::vector<at::Tensor> out;
       {
         c10::cuda::CUDAStreamGuard sg(stream());
         out = fn();
       }
       stream().synchronize();
+      // The copies were allocated on the trainer stream; the caller uses them on its own stream.
+      for (at::Tensor& t : out)
+        if (t.is_cuda()) t.record_stream(caller);
       return out;
     }
 #endif
@@ -342,6 +421,57 @@ class Trainer : public torch::CustomClassHolder {
     synchronize();
   }
 
+  // Bank, counters, losses and ring (on the current stream: the trainer stream on CUDA).
+  void allocate() {
+    esamp::DistillerShape sh;
+    sh.H = H_;
+    sh.R = R_;
+    sh.L = L_;
+    auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev_);
+    params_ = at::empty({S_, sh.params_per_slot()}, f32);
+    exp_avg_ = at::zeros_like(params_);
+    exp_avg_sq_ = at::zeros_like(params_);
+    step_ = at::zeros({S_}, f32.dtype(at::kLong));
+    counters_ = at::zeros({esamp::kNumStats}, f32.dtype(at::kDouble));
+    losses_ = at::full({S_}, NAN, f32);
+    ring_x_ = at::empty({K_, ring_rows_, H_}, f32);
+    ring_t_ = at::empty({K_, ring_rows_, H_}, f32);
+    ring_s_ = at::empty({K_, ring_rows_}, f32.dtype(at::kLong));
+    seg_busy_.assign(K_, false);
+  }
+
+#if defined(ESAMP_WITH_CUDA)
+  // Enqueues the copy of the counters into the pinned mirror (on the current stream = the trainer stream).
+  void publish_counters() {
+    if (!mirror_dev_) return;
+    const unsigned long long seq = published_.fetch_add(1) + 1;
+    esamp::Status st = esamp::stats_mirror_cuda(counters_.data_ptr<double>(), mirror_dev_, seq,
+                                                c10::cuda::getCurrentCUDAStream(dev_.index()).stream());
+    check_status(st, "Trainer.stats mirror");
+  }
+
+  // A consistent snapshot of the mirror (sequence lock); the last consistent one if a write is in progress.
+  at::Tensor read_mirror(unsigned long long* seq) {
+    std::lock_guard<std::mutex> lk(mirror_mu_);
+    for (int attempt = 0; attempt < 64; ++attempt) {
+      const unsigned long long e = mirror_host_->seq_end;
+      std::atomic_thread_fence(std::memory_order_acquire);
+      double v[esamp::kNumStats];
+      for (int k = 0; k < esamp::kNumStats; ++k) v[k] = mirror_host_->v[k];
+      std::atomic_thread_fence(std::memory_order_acquire);
+      const unsigned long long b = mirror_host_->seq_begin;
+      if (b == e) {
+        double* d = last_good_.data_ptr<double>();
+        for (int k = 0; k < esamp::kNumStats; ++k) d[k] = v[k];
+        last_seq_ = e;
+        break;
+      }
+    }
+    *seq = last_seq_;
+    return last_good_.clone();
+  }
+#endif
+
   void train_segment(int seg, int64_t N) {
     at::Tensor x = ring_x_[seg].narrow(0, 0, N);
     at::Tensor t = ring_t_[seg].narrow(0, 0, N);
@@ -392,7 +522,7 @@ class Trainer : public torch::CustomClassHolder {
   double lr_, adam_eps_, clip_, beta1_, beta2_, norm_eps_;
   int64_t seed_, ring_rows_, K_;
   c10::Device dev_{c10::kCPU};
-  at::Tensor params_, exp_avg_, exp_avg_sq_, step_, counters_, losses_, snapshot_;
+  at::Tensor params_, exp_avg_, exp_avg_sq_, step_, counters_, losses_, snapshot_, last_good_;
   std::optional<at::Tensor> gamma_init_;
   at::Tensor ring_x_, ring_t_, ring_s_;
   // CPU worker state
@@ -412,6 +542,11 @@ class Trainer : public torch::CustomClassHolder {
   std::vector<at::cuda::CUDAEvent> seg_done_;
   at::cuda::CUDAEvent last_update_;
   int next_seg_ = 0;
+  std::atomic<unsigned long long> published_{0};  // mirror writes enqueued (sequence numbers 1, 2, ...)
+  unsigned long long last_seq_ = 0;                // sequence number of last_good_
+  esamp::StatsMirror* mirror_host_ = nullptr;
+  esamp::StatsMirror* mirror_dev_ = nullptr;
+  std::mutex mirror_mu_;
 #endif
 };
 
@@ -423,7 +558,7 @@ TORCH_LIBRARY_FRAGMENT(esamp, m) {
       .def("observe", &Trainer::observe)
       .def("reset", &Trainer::reset)
       .def("synchronize", &Trainer::synchronize)
-      .def("stats", &Trainer::stats)
+      .def("stats", &Trainer::stats, "", {torch::arg("fresh") = true})
       .def("last_losses", &Trainer::last_losses)
       .def("state", &Trainer::state)
       .def("load_state", &Trainer::load_state)
