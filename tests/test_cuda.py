@@ -375,6 +375,17 @@ def test_mix_hidden_agrees_with_cpu(dtype):
 # --------------------------------------------------------------------------------------------------
 # Distiller
 # --------------------------------------------------------------------------------------------------
+ENGINES = ("auto", "simt", "cublas")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Runs a distiller test once per engine of the row products (esamp/cuda_plan.h); the CUDA binding
+    reads ESAMP_CUDA_DISTILLER_ENGINE on every call."""
+    monkeypatch.setenv("ESAMP_CUDA_DISTILLER_ENGINE", request.param)
+    return request.param
+
+
 def make_distillers(H, R, L, S, seed=0):
     """A CPU distiller with non-trivial parameters (B != 0) and a CUDA copy of it."""
     dc = esamp.Distiller(H, R, L, S, seed=seed)
@@ -388,7 +399,7 @@ def make_distillers(H, R, L, S, seed=0):
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [(F32, None), (BF16, None), (F16, F32)])
-def test_distiller_forward_agrees_with_cpu(dtype, out_dtype):
+def test_distiller_forward_agrees_with_cpu(dtype, out_dtype, engine):
     H, R, L, S, N = 256, 16, 2, 4, 40
     dc, dg = make_distillers(H, R, L, S, 1)
     g = torch.Generator().manual_seed(2)
@@ -404,7 +415,7 @@ def test_distiller_forward_agrees_with_cpu(dtype, out_dtype):
         torch.testing.assert_close(yg.float(), yc.float(), rtol=tol, atol=tol)
 
 
-def test_distiller_train_step_parity_20_steps():
+def test_distiller_train_step_parity_20_steps(engine):
     H, R, L, S, N = 256, 16, 2, 4, 32
     dc, dg = make_distillers(H, R, L, S, 3)
     g = torch.Generator().manual_seed(4)
@@ -434,7 +445,7 @@ def test_distiller_train_step_parity_20_steps():
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
-def test_distiller_train_step_half_inputs_agree_with_cpu(dtype):
+def test_distiller_train_step_half_inputs_agree_with_cpu(dtype, engine):
     H, R, L, S, N = 128, 8, 1, 3, 24
     dc, dg = make_distillers(H, R, L, S, 5)
     g = torch.Generator().manual_seed(6)
@@ -448,7 +459,7 @@ def test_distiller_train_step_half_inputs_agree_with_cpu(dtype):
     assert rel_err(dg.params, dc.params) <= 1e-4
 
 
-def test_distiller_train_step_empty_batch():
+def test_distiller_train_step_empty_batch(engine):
     dc, dg = make_distillers(64, 4, 1, 3, 7)
     before = dg.params.clone()
     losses = dg.train_step(torch.empty(0, 64, device="cuda"), torch.empty(0, 64, device="cuda"),
@@ -481,7 +492,7 @@ def test_distiller_reset_agrees_with_cpu():
         assert torch.equal(dg.params[s], trained[s]) and int(dg.step[s]) == 1
 
 
-def test_distiller_out_of_range_cuda_slot_ids_are_defensive():
+def test_distiller_out_of_range_cuda_slot_ids_are_defensive(engine):
     """CUDA slot ids are not value-checked by the binding (no host sync): forward writes NaN rows for
     ids outside [0, S), train_step counts those rows as skipped (documented in csrc/cuda/distiller.cu)."""
     H, R, L, S = 64, 4, 1, 3
@@ -496,7 +507,7 @@ def test_distiller_out_of_range_cuda_slot_ids_are_defensive():
     assert st["rows_trained"] == 2 and st["rows_skipped"] == 2
 
 
-def test_distiller_train_step_cuda_graph_replay():
+def test_distiller_train_step_cuda_graph_replay(engine):
     H, R, L, S, N = 128, 8, 2, 3, 12
     _, da = make_distillers(H, R, L, S, 14)
     _, db = make_distillers(H, R, L, S, 14)
@@ -619,3 +630,308 @@ def test_bad_input_mix_hidden_device_mix():
         torch.ops.esamp.mix_hidden(h, h.cpu(), torch.ones(3, device="cuda"))
     with pytest.raises(RuntimeError, match="beta: expected a tensor on cuda"):
         torch.ops.esamp.mix_hidden(h, h, torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Second pass (issue 12): dense candidate path, parallel sampling tail, multi-block rows, filter paths,
+# distiller engines and bounded workspace, rows on gridDim.x, trainer stream ordering.
+# --------------------------------------------------------------------------------------------------
+def _problem(B, V, H, ldt, pdt, wdt, seed, bias=False):
+    """LM-like problem with separate dtypes for logits, prediction and LM head."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, H, generator=g) / H ** 0.5
+    hid = torch.randn(B, H, generator=g) * 3.0
+    logits = (hid @ W.T).to(ldt)
+    pred = (hid + 0.5 * torch.randn(B, H, generator=g)).to(pdt)
+    b = (torch.randn(V, generator=g) * 0.1).to(wdt) if bias else None
+    return logits, pred, W.to(wdt), b, g
+
+
+def _params(B, g, *, beta=0.3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    full = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)  # noqa: E731
+    return {"beta": full(beta), "temperature": full(temperature), "top_k": full(top_k, torch.int64),
+            "top_p": full(top_p), "min_p": full(min_p)}
+
+
+def _compare_reweight(logits, pred, W, b, rp, seed_t, steps=4, min_agree=0.995):
+    """CUDA vs CPU: candidate sets and mixed logits (reweight_logits) and tokens / logprobs (reweight)."""
+    tol = m_bound(logits, pred, W, b, rp)
+    oc = run_reweight_logits("cpu", logits, pred, W, b, rp)
+    og = run_reweight_logits("cuda", logits, pred, W, b, rp).cpu()
+    lf = logits.float().numpy()
+    B = logits.shape[0]
+    for r in range(B):
+        if torch.equal(torch.isneginf(oc[r]), torch.isneginf(og[r])):
+            assert_m_close(og[r], oc[r], tol[r])
+        else:
+            margin = threshold_margin(lf[r], float(rp["temperature"][r]), int(rp["top_k"][r]), float(rp["top_p"][r]),
+                                      float(rp["min_p"][r]))
+            assert margin < 1e-5, f"row {r}: candidate sets differ away from every threshold (margin {margin:.2e})"
+    agree = total = 0
+    for step in range(steps):
+        tc, lc = run_reweight("cpu", logits, pred, W, b, rp, seed_t, step)
+        tg, lg = run_reweight("cuda", logits, pred, W, b, rp, seed_t, step)
+        tg, lg = tg.cpu(), lg.cpu()
+        same = tg == tc
+        agree += int(same.sum())
+        total += B
+        assert_logprobs_close(lg[same], lc[same], tol[same], oc[same])
+    assert agree >= math.ceil(min_agree * total), f"tokens agree on {agree}/{total} rows"
+    return oc, og
+
+
+@pytest.mark.parametrize("ldt,pdt,wdt", [(BF16, BF16, BF16), (F16, F16, F16), (BF16, F32, BF16), (F32, F32, F32),
+                                         (F32, BF16, F16)])
+@pytest.mark.parametrize("mode", ["auto", "force", "off"])
+def test_reweight_dense_path_agrees_with_cpu(ldt, pdt, wdt, mode, monkeypatch):
+    """Rows without a filter and beta > 0 take the dense path (tensor-core d = pred W^T + fused epilogue);
+    bf16 x bf16 and fp16 x fp16 use 16-bit MMA, the other dtype pairs TF32 with split operands.  'force'
+    sends every beta > 0 row (also filtered ones) through it, 'off' none."""
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE", mode)
+    B, V, H = 40, 5003, 200  # V: not a multiple of the 128-token tile; H: not of the K step
+    logits, pred, W, b, g = _problem(B, V, H, ldt, pdt, wdt, 21, bias=True)
+    rp = _params(B, g, beta=0.4)
+    rp["beta"][::7] = 0.0                 # some beta = 0 rows (never a dot product)
+    rp["temperature"][::5] = 0.0          # some greedy rows
+    rp["min_p"][1::6] = 0.05              # some filtered rows
+    rp["top_k"][2::6] = 40
+    rp["top_p"][3::6] = 0.9
+    seed_t = esamp.ops.derive_row_seeds(5, B)
+    _compare_reweight(logits, pred, W, b, rp, seed_t)
+
+
+def test_reweight_dense_rows_spread_over_row_tiles(monkeypatch):
+    """More than 64 dense rows (several row tiles of the dense GEMM), interleaved with sparse rows."""
+    B, V, H = 150, 2049, 96
+    logits, pred, W, b, g = _problem(B, V, H, BF16, BF16, BF16, 22)
+    rp = _params(B, g, beta=0.25)
+    rp["min_p"][::3] = 0.1
+    seed_t = esamp.ops.derive_row_seeds(6, B)
+    _compare_reweight(logits, pred, W, b, rp, seed_t, steps=2)
+
+
+def test_reweight_beta0_no_filter_tokens_are_exact():
+    """beta = 0 and no filter (plain Gumbel-max over V, evaluated by every thread, one Philox call per 4 ids):
+    m = z exactly on both backends, so the tokens must be identical, not just agree on 99.5 %."""
+    for B, V, H, dt in ((64, 32000, 64, BF16), (3, 152064, 32, F32), (17, 4099, 8, F16)):
+        logits, pred, W, b, g = _problem(B, V, H, dt, dt, dt, 23)
+        rp = _params(B, g, beta=0.0, temperature=0.8)
+        seed_t = esamp.ops.derive_row_seeds(7, B)
+        oc = run_reweight_logits("cpu", logits, pred, W, b, rp)
+        og = run_reweight_logits("cuda", logits, pred, W, b, rp).cpu()
+        assert torch.equal(oc, og)  # z = l / T: one IEEE division on both
+        for step in (0, 1, 2):
+            tc, lc = run_reweight("cpu", logits, pred, W, b, rp, seed_t, step)
+            tg, lg = run_reweight("cuda", logits, pred, W, b, rp, seed_t, step)
+            assert torch.equal(tg.cpu(), tc), (B, V, step)
+            torch.testing.assert_close(lg.cpu(), lc, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 2, 5, 16])
+def test_reweight_small_batches_several_blocks_per_row(B):
+    """Small B: a row is split over a cluster of blocks (sm_90); every filter path against the CPU, and the
+    tokens of a row do not depend on the batch it is in (same row alone vs. in a batch of 128)."""
+    V, H = 152064, 64
+    logits, pred, W, b, g = _problem(128, V, H, BF16, BF16, BF16, 24)
+    rp = _params(128, g, beta=0.3)
+    kinds = [dict(min_p=0.1), dict(top_k=50), dict(top_p=0.9), dict(top_k=300, top_p=0.8), dict(min_p=0.02, top_p=0.95),
+             dict(), dict(beta=0.0), dict(top_k=5000, top_p=0.99)]
+    for r in range(128):
+        for k, v in kinds[r % len(kinds)].items():
+            rp[k][r] = v
+    seed_t = esamp.ops.derive_row_seeds(8, 128)
+    sub = lambda t: t[:B]  # noqa: E731
+    rps = {k: sub(v) for k, v in rp.items()}
+    _compare_reweight(sub(logits), sub(pred), W, b, rps, sub(seed_t), steps=3)
+    t_small, _ = run_reweight("cuda", sub(logits), sub(pred), W, b, rps, sub(seed_t), 4)
+    t_big, _ = run_reweight("cuda", logits, pred, W, b, rp, seed_t, 4)
+    assert torch.equal(t_small.cpu(), t_big[:B].cpu())
+
+
+def test_reweight_filter_paths_agree_with_cpu():
+    """The filter paths: min-p (histogram count bound), top-k (radix levels 1-2 after the pass-1 level 0),
+    top-p over the whole row (Z + mass levels), top-k / min-p + top-p (gathered list), large top-k + top-p
+    (list too big: global passes), ties at the top-k boundary, and duplicate maxima."""
+    B, V, H = 64, 32000, 128
+    logits, pred, W, b, g = _problem(B, V, H, F32, F32, BF16, 25)
+    logits[60:, :] = torch.round(logits[60:, :] * 2) / 2  # many ties
+    logits[63, 10] = logits[63, 20] = logits[63].max() + 1  # two maxima
+    rp = _params(B, g, beta=0.25)
+    combos = [dict(min_p=0.05), dict(top_k=1), dict(top_k=37), dict(top_p=0.5), dict(top_p=0.999),
+              dict(top_k=100, top_p=0.9), dict(min_p=0.01, top_p=0.7), dict(top_k=20000, top_p=0.95),
+              dict(top_k=3000), dict(min_p=0.3, top_k=10, top_p=0.6)]
+    for r in range(B):
+        for k, v in combos[r % len(combos)].items():
+            rp[k][r] = v
+    seed_t = esamp.ops.derive_row_seeds(9, B)
+    _compare_reweight(logits, pred, W, b, rp, seed_t, steps=3)
+
+
+def test_reweight_dense_path_cuda_graph_replay():
+    B, V, H = 24, 8000, 128
+    logits, pred, W, b, g = _problem(B, V, H, BF16, BF16, BF16, 26)
+    rp = _params(B, g, beta=0.3)
+    rp["min_p"][::2] = 0.05  # half sparse, half dense
+    logits, pred, W = cuda(logits, pred, W)
+    rpc = {k: v.cuda() for k, v in rp.items()}
+    seed_c = esamp.ops.derive_row_seeds(10, B).cuda()
+    args = lambda st: (logits, pred, W, None, rpc["beta"], rpc["temperature"], rpc["top_k"], rpc["top_p"],  # noqa
+                       rpc["min_p"], seed_c, st)
+    eager = [torch.ops.esamp.reweight(*args(torch.full((B,), k, dtype=torch.int64, device="cuda"))) for k in range(4)]
+    mixed_eager = torch.ops.esamp.reweight_logits(*args(None)[:9])
+    step_t = torch.zeros(B, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.ops.esamp.reweight(*args(step_t))
+            torch.ops.esamp.reweight_logits(*args(None)[:9])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok, lp = torch.ops.esamp.reweight(*args(step_t))
+        mixed = torch.ops.esamp.reweight_logits(*args(None)[:9])
+        step_t.add_(1)
+    for k in range(4):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(tok, eager[k][0]) and torch.equal(lp, eager[k][1]), f"replay {k}"
+        assert torch.equal(mixed, mixed_eager)
+
+
+def test_capture_and_mix_hidden_beyond_65535_rows():
+    """Rows are on gridDim.x: more rows than the 65,535 of gridDim.y (a large max_num_batched_tokens)."""
+    N, H = 70001, 24
+    h = torch.randn(N, H, device="cuda", dtype=BF16)
+    res = torch.randn(N, H, device="cuda", dtype=BF16)
+    out = torch.empty(N + 5, H, device="cuda", dtype=F32)
+    ops.capture(h, res, out)
+    torch.testing.assert_close(out[:N], h.float() + res.float(), rtol=0, atol=0)
+    p = torch.randn(N, H, device="cuda", dtype=BF16)
+    beta = torch.rand(N, device="cuda")
+    got = ops.mix_hidden(h, p, beta)
+    want = ops.mix_hidden(h.cpu(), p.cpu(), beta.cpu())
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("shape", ["shared", "8x16", "decode", "warm"])
+def test_distiller_engines_agree_with_cpu(shape, engine):
+    """Every engine on the shapes that choose them: shared mode (cuBLAS + gradient buffer), 8 slots x 16 rows,
+    decode (one row per slot), a warm start (one slot with many rows in a larger bank)."""
+    H, R, L = 160, 16, 2
+    S, counts = {"shared": (1, [48]), "8x16": (8, [16] * 8), "decode": (64, [1] * 64),
+                 "warm": (16, [300] + [0] * 15)}[shape]
+    dc, dg = make_distillers(H, R, L, S, 30)
+    g = torch.Generator().manual_seed(31)
+    sid = torch.cat([torch.full((c,), s, dtype=torch.int64) for s, c in enumerate(counts) if c > 0])
+    sid = sid[torch.randperm(sid.shape[0], generator=g)]
+    for it in range(6):
+        x = torch.randn(sid.shape[0], H, generator=g)
+        t = 0.5 * x + 0.3 * torch.randn(sid.shape[0], H, generator=g)
+        if it == 2:
+            x[3, 1] = float("nan")
+        lc = dc.train_step(x, t, sid)
+        lg = dg.train_step(x.cuda(), t.cuda(), sid.cuda()).cpu()
+        assert torch.equal(torch.isnan(lg), torch.isnan(lc)), (it, lg, lc)
+        act = ~torch.isnan(lc)
+        torch.testing.assert_close(lg[act], lc[act], rtol=1e-4, atol=0.0)
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        e = rel_err(getattr(dg, name), getattr(dc, name))
+        assert e <= 1e-4, f"{name}: relative error {e:.2e}"
+    assert torch.equal(dg.step.cpu(), dc.step)
+    xq = torch.randn(37, H, generator=g)
+    sq = sid[:37]
+    torch.testing.assert_close(dg.forward(xq.cuda(), sq.cuda()).cpu(), dc.forward(xq, sq), rtol=1e-4, atol=1e-5)
+    sc, sg = dc.stats(), dg.stats()
+    assert sg["rows_trained"] == sc["rows_trained"] and sg["rows_skipped"] == sc["rows_skipped"] == 1
+
+
+def test_distiller_warm_start_workspace_within_64mb(monkeypatch):
+    """Issue 12: a 1,024-row warm start of one slot in a 256-slot bank (H = 3584, R = 64, L = 2) must not
+    allocate more than 64 MB of workspace (the old kernels allocated ~1.4 GB of gradients)."""
+    monkeypatch.delenv("ESAMP_CUDA_DISTILLER_ENGINE", raising=False)
+    H, R, L, S, N = 3584, 64, 2, 256, 1024
+    d = esamp.Distiller(H, R, L, S, device="cuda")
+    x = torch.randn(N, H, device="cuda")
+    t = 0.5 * x + 0.1 * torch.randn_like(x)
+    sid = torch.zeros(N, dtype=torch.int64, device="cuda")
+    losses = torch.empty(S, device="cuda")
+    d.train_step(x, t, sid, losses=losses)  # warm-up: lazily created handles and their workspaces
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    d.train_step(x, t, sid, losses=losses)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 64 * 10**6, f"the train step allocated {extra / 1e6:.1f} MB"
+    assert int(d.step[0]) == 2 and int(d.step[1:].sum()) == 0 and bool(torch.isfinite(losses[0]))
+
+
+def test_trainer_stats_fresh_and_non_blocking():
+    """stats() (fresh) includes every observed update; stats(fresh=False) never waits: while the trainer
+    stream waits behind a sleeping caller stream it still returns the previous counters at once."""
+    tr = esamp.Trainer(64, 8, 2, 4, device="cuda", ring_rows=32, ring_segments=2)
+    x = torch.randn(10, 64, device="cuda")
+    sid = torch.arange(10, device="cuda") % 4
+    tr.observe(x, x, sid)
+    assert tr.stats()["rows_trained"] == 10
+    torch.cuda._sleep(int(4e8))  # ~0.2 s on the caller's stream; the next update waits behind it
+    tr.observe(x, x, sid)
+    snap = tr._impl.stats(False)
+    assert snap.device.type == "cpu" and snap.dtype == torch.float64 and snap.shape == (4,)
+    assert int(snap[0]) == 10, "stats(fresh=False) waited for the queued update"
+    assert tr.stats()["rows_trained"] == 20 and tr.stats()["steps"] == 2
+
+
+def test_trainer_load_state_waits_for_the_callers_stream():
+    tr = esamp.Trainer(32, 4, 1, 2, device="cuda", ring_rows=8)
+    sd = tr.state_dict()
+    cur = tr._impl.state()
+    src = [torch.empty_like(c) for c in cur]
+    torch.cuda._sleep(int(4e8))  # the caller's stream is busy; the sources are written after the sleep
+    for s_, c in zip(src, cur):
+        s_.copy_(c)
+    src[0].add_(1.5)
+    tr._impl.load_state(src)
+    after = tr._impl.state()
+    assert torch.equal(after[0], src[0]) and torch.equal(after[1], src[1])
+    assert sd["params"].shape == tuple(after[0].shape)
+
+
+def test_trainer_construction_is_ordered_after_the_callers_stream():
+    H, R, L, S = 48, 4, 2, 3
+    gamma = torch.empty(H, device="cuda")
+    torch.cuda._sleep(int(4e8))
+    gamma.fill_(0.75)  # queued behind the sleep on the caller's stream
+    tr = esamp.Trainer(H, R, L, S, device="cuda", seed=4, gamma_init=gamma, ring_rows=16)
+    ref = esamp.Distiller(H, R, L, S, device="cuda", seed=4, gamma_init=torch.full((H,), 0.75, device="cuda"))
+    x = torch.randn(6, H, device="cuda")
+    sid = torch.tensor([0, 1, 2, 0, 1, 2], device="cuda")
+    tr.observe(x, x * 0.5, sid)
+    ref.train_step(x, x * 0.5, sid)
+    torch.testing.assert_close(tr.predict(x, sid), ref.forward(x, sid), rtol=0, atol=0)
+
+
+def test_trainer_destruction_with_pending_updates():
+    x = torch.randn(64, 128, device="cuda")
+    sid = torch.arange(64, device="cuda") % 8
+    for _ in range(3):
+        tr = esamp.Trainer(128, 16, 2, 8, device="cuda", ring_rows=64)
+        torch.cuda._sleep(int(2e8))
+        tr.observe(x, x, sid)
+        del tr  # the update is still queued behind the sleep
+    y = torch.full((4096, 4096), 3.0, device="cuda")  # reuses freed blocks
+    torch.cuda.synchronize()
+    assert bool((y == 3.0).all())
+
+
+def test_trainer_counters_mirror_many_updates():
+    tr = esamp.Trainer(32, 4, 2, 2, device="cuda", ring_rows=8, ring_segments=3)
+    x = torch.randn(5, 32, device="cuda")
+    sid = torch.tensor([0, 1, 0, 1, 1], device="cuda")
+    for i in range(50):
+        tr.observe(x, x, sid)
+        s = tr._impl.stats(False)
+        assert 0 <= int(s[0]) <= 5 * (i + 1) and int(s[0]) % 5 == 0  # consistent snapshots only
+    st = tr.stats()
+    assert st["rows_trained"] == 250 and st["steps"] == 50
