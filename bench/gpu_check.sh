@@ -6,17 +6,23 @@
 #
 # Steps, in priority order, each with a timeout inside an overall budget (ESAMP_GPU_CHECK_BUDGET seconds,
 # default 450, so the whole run stays under 8 minutes):
-#   1. build the extension and the C++ benchmarks with CMake (ESAMP_CUDA=ON, ESAMP_CUDA_ARCHS=90 unless
-#      set), link python/esamp/_C.so to it;
-#   2. tools/check_cubins.sh on the built library (required archs = the built ones);
-#   3. pytest tests/test_cuda.py;
-#   4. the C++ CUDA benchmarks (--smoke first, then the issue's problem sizes);
-#   5. a CUDA timing of esamp.ops.reweight and esamp.Distiller against the eager PyTorch baselines of
-#      esamp.reference (reweight_eager, BatchedEagerDistiller with fused Adam), CUDA events, medians;
-#   6. the rest of the test suite;
-#   7. the CPU Python benchmarks (bench/bench_*.py), briefly, if time is left.
+#   1. build the extension, the C++ benchmarks and the C++ test harnesses with CMake (ESAMP_CUDA=ON,
+#      ESAMP_CUDA_ARCHS=90 unless set; the reweight row kernels compile in parallel, one file per dtype);
+#   2. tools/check_cubins.sh on the built library (every kernel family, cuBLAS linked, no local memory in the
+#      hot kernels) and the plan harness (tests/cpp/test_cuda_plan);
+#   3. pytest tests/test_cuda.py (every new path against the CPU backend, graph capture, trainer races) and
+#      the CUDA parametrisations of tests/test_trainer.py;
+#   4. the issue-12 timings with the C++ benchmarks (CUDA events, medians), each against its target:
+#        reweight B=128, V=152064, H=3584, bf16: min-p 0.1 <= 3 logits reads; no filter <= cuBLAS GEMM + 2
+#        reads; beta = 0 no filter <= 2 reads (bench_reweight_cuda, baselines measured on the device);
+#        distiller 8 slots x 16 rows, R=64, L=2: train step <= 60 us, predict <= 20 us, for the auto engine and
+#        both forced engines; warm start 1,024 rows of one slot in a 256-slot bank: <= 1 ms per step and
+#        <= 64 MB of workspace (bench_distiller_cuda);
+#   5. CUDA timing of esamp.ops / esamp.Distiller against the eager PyTorch baselines (CUDA events);
+#   6. the rest of the test suite, the vLLM smoke run and the CPU Python benchmarks, if time is left.
 # Files written under $OUT (at most 8): summary.txt, build.log, test_cuda.log, tests_other.log, bench.log,
-# results.json.  Exit status: 0 when every step that ran passed, 1 otherwise.
+# results.json (every benchmark's JSON, bench/results style: machine, command, timings, targets).
+# Exit status: 0 when every step that ran passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -103,10 +109,13 @@ grep -iE "warning" "$OUT/build.log" | grep -v "CMake Warning\|runtime search pat
 run_step "check_cubins (sm_${ARCHS// /,sm_})" 60 "$OUT/build.log" \
   env ESAMP_REQUIRE_ARCHS="${ARCHS//;/ }" PYTHON="$PY" tools/check_cubins.sh build/gpu/_C.so
 tail -1 "$OUT/build.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+run_step "plan harness (tests/cpp/test_cuda_plan)" 60 "$OUT/build.log" build/gpu/test_cuda_plan
+tail -1 "$OUT/build.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # ------------------------------------------------------------------------------------------ 3. CUDA tests
-run_step "pytest tests/test_cuda.py" 180 "$OUT/test_cuda.log" \
-  env PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=8 tests/test_cuda.py
+run_step "pytest tests/test_cuda.py + CUDA trainer tests" 200 "$OUT/test_cuda.log" \
+  env PYTHONPATH=python ESAMP_BUILD_DIR=build/gpu "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=12 \
+  tests/test_cuda.py tests/test_trainer.py tests/test_cuda_plan.py
 grep -E "passed|failed|error" "$OUT/test_cuda.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 if ! grep -Eq "[0-9]+ passed" "$OUT/test_cuda.log"; then  # all skipped = the GPU was not visible
   note "[FAILED]  tests/test_cuda.py ran no test (is torch.cuda.is_available() False on this machine?)"
@@ -115,11 +124,30 @@ fi
 
 # ------------------------------------------------------------------------------------------ 4. C++ benches
 cpp_bench() {
-  build/gpu/bench_reweight_cuda --smoke && build/gpu/bench_distiller_cuda --smoke &&
-    build/gpu/bench_reweight_cuda --json "$TMP/bench_reweight_cuda.json" &&
-    build/gpu/bench_distiller_cuda --json "$TMP/bench_distiller_cuda.json"
+  local rc=0
+  build/gpu/bench_reweight_cuda --smoke && build/gpu/bench_distiller_cuda --smoke || rc=1
+  # issue 12: reweight B=128, V=152064, H=3584, bf16 logits / LM head / prediction
+  build/gpu/bench_reweight_cuda --reps 50 --warmup 5 --json "$TMP/bench_reweight_cuda.json" || rc=1
+  # TF32 dense mode: fp32 prediction with a bf16 LM head (no filter and min-p only)
+  build/gpu/bench_reweight_cuda --reps 30 --warmup 3 --pdtype f32 --cases abg \
+    --json "$TMP/bench_reweight_cuda_pred_f32.json" || rc=1
+  # distiller 8 slots x 16 rows, R = 64, L = 2: the chosen engine and both forced ones
+  for e in auto simt cublas; do
+    build/gpu/bench_distiller_cuda --reps 100 --warmup 10 --engine $e \
+      --json "$TMP/bench_distiller_cuda_8x16_$e.json" || rc=1
+  done
+  # warm start: 1,024 rows of one slot in a 256-slot bank (<= 1 ms per step, <= 64 MB of workspace)
+  for e in auto cublas; do
+    build/gpu/bench_distiller_cuda --reps 30 --warmup 3 --S 256 --rows 1024 --active 1 --engine $e \
+      --train-target 1000 --predict-target 1000 --max-workspace-mb 64 \
+      --json "$TMP/bench_distiller_cuda_warm_$e.json" || rc=1
+  done
+  # shared mode (S = 1, R = 384): cuBLAS everywhere
+  build/gpu/bench_distiller_cuda --reps 50 --warmup 5 --S 1 --rows 128 --R 384 \
+    --json "$TMP/bench_distiller_cuda_shared.json" || rc=1
+  return $rc
 }
-run_step "C++ CUDA benchmarks" 120 "$OUT/bench.log" cpp_bench
+run_step "C++ CUDA benchmarks (issue-12 targets)" 150 "$OUT/bench.log" cpp_bench
 
 # ------------------------------------------------------------------------------------------ 5. Python CUDA timing
 cat >"$TMP/cuda_vs_eager.py" <<'PYEOF'
@@ -266,10 +294,23 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         res[os.path.basename(f)[:-5]] = json.load(open(f))
     except Exception as e:  # keep going, say why
         res[os.path.basename(f)[:-5]] = {"error": f"{type(e).__name__}: {e}"}
+import platform, subprocess
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception as e:  # keep going, say why
+    gpu = f"unknown ({type(e).__name__})"
+try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+except Exception:
+    commit = "unknown"
+res = {"machine": {"gpu": gpu, "host": platform.node(), "python": platform.python_version()},
+       "command": "bench/gpu_check.sh", "commit": commit, "results": res}
 json.dump(res, open(sys.argv[2], "w"), indent=1)
-print(f"results.json: {', '.join(res) or 'no benchmark results'}")
+print(f"results.json: {', '.join(res['results']) or 'no benchmark results'}")
 PYEOF
-grep -E "^\(|median|counters|checks|output checks|ideal" "$OUT/bench.log" | head -40 >>"$SUMMARY"
+grep -E "^\(|median|counters|checks|output checks|baselines|plan:|workspace|target" "$OUT/bench.log" | head -60 \
+  >>"$SUMMARY"
 note "total $(elapsed) s; $([ $FAILED -eq 0 ] && echo 'all steps that ran passed' || echo 'SOME STEPS FAILED')"
 rm -rf "$TMP"
 exit $FAILED

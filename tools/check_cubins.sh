@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Lists the device code embedded in the built library and FAILS unless it holds, for every required
-# architecture, a cubin of every esamp CUDA source and the kernels of every family:
-#   reweight, reweight_logits (fp32/bf16/fp16 logits each), mix_hidden,
-#   distiller forward, distiller train step, distiller reset;
-# plus PTX of the newest required architecture (for forward compatibility).
+# Checks the device code and the cuBLAS linkage of the built library and FAILS unless:
+#   * for every required architecture there is a cubin of every esamp CUDA source and the kernels of every
+#     family: reweight / reweight_logits row kernels (fp32/bf16/fp16 logits each), the dense path (list,
+#     tensor-core GEMM in its three modes, finish), mix_hidden, capture, distiller forward, train step, reset,
+#     and the trainer's counters mirror; plus PTX of the newest required architecture;
+#   * the library links cuBLAS (NEEDED libcublas, and the GEMM entry points the distiller calls);
+#   * the hot (per-step) kernels use no local memory: cuobjdump -res-usage reports STACK:0 for each of them
+#     (register spills and dynamically indexed local arrays both live in the stack frame, so STACK:0 means
+#     neither; ptxas -v reports the same per kernel at build time).
 #
 #   tools/check_cubins.sh [LIB.so]          # default build/dev/_C.so
 #   ESAMP_REQUIRE_ARCHS="90" tools/check_cubins.sh LIB.so   # default "80 90"
@@ -48,7 +52,7 @@ need() {  # need ARCH LABEL REGEX
     fail=1
   fi
 }
-sources=(reweight distiller mix_hidden)
+sources=(reweight distiller mix_hidden capture)
 newest=""
 for a in $ARCHS; do
   newest=$a
@@ -56,18 +60,25 @@ for a in $ARCHS; do
     grep -Eq "ELF file +[0-9]+: ${s}\.sm_${a}\.cubin" <<<"$ELF" || { echo "MISSING: ${s}.sm_${a}.cubin"; fail=1; }
   done
   for d in 0 1 2; do  # DType kF32, kBF16, kF16 of the logits
-    need "$a" "reweight (logits dtype $d)" "reweight_kernelILNS_5DTypeE${d}ELb0E"
-    need "$a" "reweight_logits (logits dtype $d)" "reweight_kernelILNS_5DTypeE${d}ELb1E"
+    need "$a" "reweight row kernel (logits dtype $d)" "row_kernelILNS_5DTypeE${d}ELb0E"
+    need "$a" "reweight_logits row kernel (logits dtype $d)" "row_kernelILNS_5DTypeE${d}ELb1E"
+    need "$a" "dense GEMM + epilogue (mode $d of bf16, fp16, TF32)" "dense_kernelILi${d}E"
   done
+  need "$a" "dense row list" "dense_list_kernel"
+  need "$a" "dense finish" "dense_finish_kernel"
   need "$a" mix_hidden "mix_hidden_kernel"
-  for k in sort_kernel gather_kernel rows_gemm_kernel gate_fwd_kernel norm_kernel fill_unsorted_kernel; do
+  need "$a" capture "capture_kernel"
+  for k in sort_kernel gather_kernel "rows_gemm_kernelILi1E" "rows_gemm_kernelILi2E" gate_fwd_kernel norm_fwd_kernel \
+           fill_unsorted_kernel ptr_fill_kernel; do
     need "$a" "distiller forward" "$k"
   done
-  for k in row_valid_kernel wgrad_kernel gate_bwd_kernel dc_kernel gamma_grad_kernel slot_prep_kernel adam_kernel \
-           finalize_kernel; do
+  for k in row_valid_kernel gate_bwd_kernel norm_stats_kernel norm_bwd_kernel gamma_grad_kernel dc_kernel \
+           "wgrad_kernelILi0E" "wgrad_kernelILi1E" "wgrad_kernelILi2E" "wgrad_kernelILi3E" slot_prep_kernel \
+           small_adam_kernel finalize_kernel; do
     need "$a" "distiller train step" "$k"
   done
   need "$a" "distiller reset" "reset_kernel"
+  need "$a" "trainer counters mirror" "stats_mirror_kernel"
 done
 if [ -n "$newest" ]; then
   for s in "${sources[@]}"; do
@@ -75,8 +86,50 @@ if [ -n "$newest" ]; then
   done
 fi
 n=$(grep -c . <<<"$SYMS" || true)
+
+# ---- cuBLAS linkage
+echo "== cuBLAS linkage"
+NEEDED=$(readelf -d "$LIB" 2>/dev/null | awk '/NEEDED/{print $NF}' | tr -d '[]')
+if grep -q '^libcublas\.so' <<<"$NEEDED"; then
+  echo "NEEDED: $(grep '^libcublas' <<<"$NEEDED" | tr '\n' ' ')"
+else
+  echo "MISSING: $LIB does not link libcublas (NEEDED: $(tr '\n' ' ' <<<"$NEEDED"))"
+  fail=1
+fi
+UNDEF=$(nm -D --undefined-only "$LIB" 2>/dev/null | awk '{print $NF}')
+for sym in cublasGemmEx cublasGemmBatchedEx; do
+  if grep -q "^${sym}" <<<"$UNDEF"; then echo "uses $sym"; else echo "MISSING: no reference to $sym"; fail=1; fi
+done
+
+# ---- hot kernels: no local memory (no register spills)
+echo "== local memory of the hot kernels (cuobjdump -res-usage)"
+HOT='row_kernel|dense_kernel|dense_finish_kernel|dense_list_kernel|rows_gemm_kernel|wgrad_kernel|gate_fwd_kernel|gate_bwd_kernel|norm_fwd_kernel|norm_stats_kernel|norm_bwd_kernel|gamma_grad_kernel|dc_kernel|small_adam_kernel|finalize_kernel|slot_prep_kernel|sort_kernel|gather_kernel|row_valid_kernel|mix_hidden_kernel|capture_kernel|stats_mirror_kernel'
+RES=$("$CO" -res-usage "$LIB" 2>&1 | awk '
+  /^arch = /{arch=$3}
+  /Function [^ ]+:$/{fn=$2; sub(/:$/, "", fn); next}
+  /REG:[0-9]+ STACK:[0-9]+/ && fn != "" {
+    reg=""; st="";
+    for (i = 1; i <= NF; i++) { if ($i ~ /^REG:/) reg=substr($i, 5); if ($i ~ /^STACK:/) st=substr($i, 7) }
+    print arch, fn, reg, st; fn=""
+  }')
+nhot=0
+while read -r arch fn reg st; do
+  [ -n "$fn" ] || continue
+  grep -Eq "$HOT" <<<"$fn" || continue
+  nhot=$((nhot + 1))
+  if [ "$st" != "0" ]; then
+    echo "LOCAL MEMORY: $arch $(c++filt "$fn" 2>/dev/null | cut -c1-120) uses a ${st}-byte stack frame (REG:$reg)"
+    fail=1
+  fi
+done <<<"$RES"
+if [ "$nhot" -eq 0 ]; then
+  echo "MISSING: no hot kernel found in the resource usage"
+  fail=1
+fi
+echo "hot kernels checked: $nhot (all architectures)"
+
 if [ $fail -ne 0 ]; then
   echo "check_cubins: FAILED ($n kernel entries found)"
   exit 1
 fi
-echo "check_cubins: ok (archs: $ARCHS; $n kernel entries; PTX for sm_$newest)"
+echo "check_cubins: ok (archs: $ARCHS; $n kernel entries; PTX for sm_$newest; cuBLAS linked; $nhot hot kernels without local memory)"

@@ -1,10 +1,13 @@
-// C++ benchmark of the CUDA distiller bank (no libtorch: links esamp_core and esamp_cuda_kernels).
+// C++ benchmark of the CUDA distiller bank (no libtorch: links esamp_core, esamp_cuda_kernels and cuBLAS).
 //
 //   bench_distiller_cuda [--reps 200] [--warmup 20] [--S 8] [--rows 16] [--H 3584] [--R 64] [--L 2]
-//                        [--json FILE]
+//                        [--active 0] [--engine auto|simt|cublas] [--json FILE]
 //   bench_distiller_cuda --smoke    # tiny sizes, a few reps, checks the counters; exit code 0 = ok
+//   bench_distiller_cuda --S 256 --rows 1024 --active 1   # warm start: 1,024 rows of one slot, 256-slot bank
 //
-// Problem: a bank of S slots, every slot with --rows rows per step (N = S * rows), fp32 x and t.
+// Problem: a bank of S slots; --active slots (0 = all S) get --rows rows each per step (N = active * rows),
+// fp32 x and t.  The plan (engine, bucket capacity, workspace) is printed; the workspace size is reported
+// (issue 12's warm-start target: <= 64 MB).
 // Measures with CUDA events, median / p10 / p90 over --reps after --warmup:
 //   predict     : distiller_forward_cuda on the N rows,
 //   train step  : distiller_train_step_cuda (forward + backward + per-slot clip + Adam),
@@ -23,8 +26,11 @@
 #include <string>
 #include <vector>
 
+#include <cublas_v2.h>
+
 #include "../../csrc/cuda/distiller_cuda.cuh"
 #include "esamp/common.h"
+#include "esamp/cuda_plan.h"
 #include "esamp/distiller.h"
 #include "esamp/philox.h"
 #include "bench_util.h"
@@ -97,8 +103,9 @@ void time_both(F fn, cudaStream_t stream, int warmup, int reps, Timing* eager, T
 
 int main(int argc, char** argv) {
   int reps = 200, warmup = 20;
-  int64_t S = 8, rows = 16, H = 3584, R = 64, L = 2;
-  std::string json;
+  int64_t S = 8, rows = 16, H = 3584, R = 64, L = 2, active = 0;
+  std::string json, engine_s = "auto";
+  double train_target = 60, predict_target = 20, max_ws_mb = 0;  // issue 12 targets (us); 0 = no limit
   bool smoke = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -111,6 +118,11 @@ int main(int argc, char** argv) {
     else if (a == "--H") H = std::atoll(next());
     else if (a == "--R") R = std::atoll(next());
     else if (a == "--L") L = std::atoll(next());
+    else if (a == "--active") active = std::atoll(next());
+    else if (a == "--train-target") train_target = std::atof(next());
+    else if (a == "--predict-target") predict_target = std::atof(next());
+    else if (a == "--max-workspace-mb") max_ws_mb = std::atof(next());
+    else if (a == "--engine") engine_s = next();
     else if (a == "--json") json = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
@@ -126,7 +138,10 @@ int main(int argc, char** argv) {
     reps = 3;
     warmup = 1;
   }
-  if (reps < 1 || warmup < 0 || S < 1 || rows < 1 || H < 1 || R < 1 || L < 1) {
+  if (active <= 0 || active > S) active = S;
+  const int engine = engine_s == "simt" ? 0 : (engine_s == "cublas" ? 1 : -1);
+  if (reps < 1 || warmup < 0 || S < 1 || rows < 1 || H < 1 || R < 1 || L < 1 ||
+      (engine < 0 && engine_s != "auto")) {
     std::fprintf(stderr, "bad arguments\n");
     return 2;
   }
@@ -141,7 +156,7 @@ int main(int argc, char** argv) {
   sh.H = H;
   sh.R = R;
   sh.L = L;
-  const int64_t P = sh.params_per_slot(), N = S * rows;
+  const int64_t P = sh.params_per_slot(), N = active * rows;
   DistillerBank bank;
   bank.S = S;
   bank.params = dalloc<float>(S * P);
@@ -164,7 +179,9 @@ int main(int argc, char** argv) {
   make_target<<<1024, 256, 0, stream>>>(t, x, N * H, 6);
   CK(cudaGetLastError());
   std::vector<int64_t> hid(N);
-  for (int64_t i = 0; i < N; ++i) hid[i] = (i * 7) % S;  // interleaved slots: every slot gets `rows` rows
+  // interleaved slots: each of the first `active` slots gets `rows` rows (gcd(7, active) == 1 when 7 does
+  // not divide it; else round-robin)
+  for (int64_t i = 0; i < N; ++i) hid[i] = active % 7 ? (i * 7) % active : i % active;
   int64_t* slot_ids = dalloc<int64_t>(N);
   CK(cudaMemcpy(slot_ids, hid.data(), N * 8, cudaMemcpyHostToDevice));
   float* losses = dalloc<float>(S);
@@ -178,21 +195,50 @@ int main(int argc, char** argv) {
   rin.t = t;
   rin.t_stride = H;
   rin.slot_ids = slot_ids;
-  const size_t wsb = distiller_cuda_workspace_bytes(sh, S, N);
+  cublasHandle_t handle;
+  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
+    std::printf("cublasCreate failed\n");
+    return 1;
+  }
+  // bound to the stream with a workspace of its own (as torch's handle is), so capture never allocates
+  const size_t cublas_ws_bytes = 32u << 20;
+  void* cublas_ws = dalloc<char>(cublas_ws_bytes);
+  if (cublasSetStream(handle, stream) != CUBLAS_STATUS_SUCCESS ||
+      cublasSetWorkspace(handle, cublas_ws, cublas_ws_bytes) != CUBLAS_STATUS_SUCCESS) {
+    std::printf("cublasSetStream/cublasSetWorkspace failed\n");
+    return 1;
+  }
+  const size_t wsb = distiller_cuda_workspace_bytes(sh, S, N, engine, true);
   void* ws = dalloc<char>(wsb);
   AdamConfig cfg;
+  DeviceInfo di;
+  di.sm_count = prop.multiProcessorCount;
+  di.cc_major = prop.major;
+  DistillerPlanOptions po;
+  po.rows_engine = engine;
+  const DistillerPlan plan = plan_distiller(sh, S, N, di, po);
 
-  std::printf("bench_distiller_cuda on %s (%d SMs): S=%lld slots x %lld rows (N=%lld), H=%lld R=%lld L=%lld, "
-              "P=%lld params/slot, workspace %.1f MB, %d reps after %d warm-up (CUDA events)\n",
-              prop.name, prop.multiProcessorCount, (long long)S, (long long)rows, (long long)N, (long long)H,
-              (long long)R, (long long)L, (long long)P, wsb / 1e6, reps, warmup);
+  std::printf("bench_distiller_cuda on %s (%d SMs): S=%lld slots, %lld active x %lld rows (N=%lld), H=%lld R=%lld "
+              "L=%lld, P=%lld params/slot, %d reps after %d warm-up (CUDA events)\n",
+              prop.name, prop.multiProcessorCount, (long long)S, (long long)active, (long long)rows, (long long)N,
+              (long long)H, (long long)R, (long long)L, (long long)P, reps, warmup);
+  std::printf("plan: row products %s (bucket capacity %lld, %lld buckets, %lld positions), weight gradients %s, "
+              "SIMT tile %d rows, split-K %d; workspace %.2f MB (%.2f MiB)\n",
+              plan.rows == RowsEngine::kCublas ? "cuBLAS" : "SIMT", (long long)plan.cap, (long long)plan.nb_max,
+              (long long)plan.R_pad, plan.wgrad == WgradEngine::kCublas ? "cuBLAS + buffer" : "fused SIMT (2 passes)",
+              plan.bm, plan.splits, wsb / 1e6, wsb / 1048576.0);
 
   Timing fe, fg, te, tg;
   time_both(
-      [&] { return distiller_forward_cuda(sh, bank.params, S, rin, y, DType::kF32, H, ws, wsb, nullptr, stream); },
+      [&] {
+        return distiller_forward_cuda(sh, bank.params, S, rin, y, DType::kF32, H, ws, wsb, handle, stream, engine);
+      },
       stream, warmup, reps, &fe, &fg);
-  time_both([&] { return distiller_train_step_cuda(sh, cfg, bank, rin, losses, stats, ws, wsb, nullptr, stream); },
-            stream, warmup, reps, &te, &tg);
+  time_both(
+      [&] {
+        return distiller_train_step_cuda(sh, cfg, bank, rin, losses, stats, ws, wsb, handle, stream, engine);
+      },
+      stream, warmup, reps, &te, &tg);
   CK(cudaStreamSynchronize(stream));
 
   double hstats[kNumStats];
@@ -203,39 +249,48 @@ int main(int argc, char** argv) {
   CK(cudaMemcpy(hstep.data(), bank.step, S * 8, cudaMemcpyDeviceToHost));
 
   const double fwd_flop = 6.0 * H * R * L * N, train_flop = 18.0 * H * R * L * N;
-  const double opt_bytes = 32.0 * P * S;
+  // the optimizer moves params + 2 moments (read and written) of every active slot: 24 bytes per parameter
+  const double opt_bytes = 24.0 * P * active;
   auto line = [&](const char* name, const Timing& tm, double flop, double bytes, double target) {
     std::printf("%-22s median %9.1f us  p10 %9.1f  p90 %9.1f  %8.1f GFLOP/s", name, tm.med, tm.p10, tm.p90,
                 flop / (tm.med * 1e-6) / 1e9);
     if (bytes > 0) std::printf("  %7.1f GB/s (optimizer bytes)", bytes / (tm.med * 1e-6) / 1e9);
     std::printf("  target %.0f us: %.2fx\n", target, tm.med / target);
   };
-  line("predict (eager)", fe, fwd_flop, 0, 20);
-  line("predict (graph)", fg, fwd_flop, 0, 20);
-  line("train step (eager)", te, train_flop, opt_bytes, 60);
-  line("train step (graph)", tg, train_flop, opt_bytes, 60);
+  line("predict (eager)", fe, fwd_flop, 0, predict_target);
+  line("predict (graph)", fg, fwd_flop, 0, predict_target);
+  line("train step (eager)", te, train_flop, opt_bytes, train_target);
+  line("train step (graph)", tg, train_flop, opt_bytes, train_target);
+  if (max_ws_mb > 0)
+    std::printf("workspace %.2f MB: %s the %.0f MB target\n", wsb / 1e6, wsb / 1e6 <= max_ws_mb ? "within" : "ABOVE",
+                max_ws_mb);
   std::printf("counters: rows trained %.0f, rows skipped %.0f, loss sum %.4f, steps %.0f; last losses:", hstats[0],
               hstats[1], hstats[2], hstats[3]);
   for (int64_t s = 0; s < std::min<int64_t>(S, 8); ++s) std::printf(" %.4f", hl[s]);
   std::printf("; step[0] %lld\n", (long long)hstep[0]);
   const int64_t expected_steps = 2 * (warmup + reps);  // eager calls + graph replays (capture runs nothing)
   bool ok = hstats[0] > 0 && hstats[1] == 0 && std::isfinite(hstats[2]) && hstats[3] == expected_steps;
-  for (int64_t s = 0; s < S; ++s) ok = ok && std::isfinite(hl[s]) && hstep[s] == expected_steps;
+  for (int64_t s = 0; s < S; ++s)
+    ok = ok && (s < active ? std::isfinite(hl[s]) && hstep[s] == expected_steps : std::isnan(hl[s]) && hstep[s] == 0);
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");
     if (f) {
       std::fprintf(f,
-                   "{\"bench\": \"distiller_cuda\", \"device\": \"%s\", \"S\": %lld, \"rows_per_slot\": %lld, \"H\": "
+                   "{\"bench\": \"distiller_cuda\", \"device\": \"%s\", \"S\": %lld, \"active\": %lld, "
+                   "\"rows_per_slot\": %lld, \"engine\": \"%s\", \"workspace_mb\": %.3f, \"H\": "
                    "%lld, \"R\": %lld, \"L\": %lld, \"predict_eager_us\": %.2f, \"predict_graph_us\": %.2f, "
                    "\"train_eager_us\": %.2f, \"train_graph_us\": %.2f, \"train_gflops_graph\": %.1f, "
                    "\"train_opt_gbps_graph\": %.1f, \"rows_trained\": %.0f, \"rows_skipped\": %.0f, \"steps\": %.0f, "
-                   "\"ok\": %s}\n",
-                   prop.name, (long long)S, (long long)rows, (long long)H, (long long)R, (long long)L, fe.med, fg.med,
+                   "\"train_target_us\": %.1f, \"predict_target_us\": %.1f, \"max_workspace_mb\": %.1f, \"ok\": %s}\n",
+                   prop.name, (long long)S, (long long)active, (long long)rows,
+                   plan.rows == RowsEngine::kCublas ? "cublas" : "simt", wsb / 1e6, (long long)H, (long long)R,
+                   (long long)L, fe.med, fg.med,
                    te.med, tg.med, train_flop / (tg.med * 1e-6) / 1e9, opt_bytes / (tg.med * 1e-6) / 1e9, hstats[0],
-                   hstats[1], hstats[3], ok ? "true" : "false");
+                   hstats[1], hstats[3], train_target, predict_target, max_ws_mb, ok ? "true" : "false");
       std::fclose(f);
     }
   }
   std::printf("checks: %s\n", ok ? "ok" : "FAILED (zero trained rows, skipped rows, NaN losses or wrong step counts)");
+  cublasDestroy(handle);
   return ok ? 0 : 1;
 }
