@@ -291,11 +291,11 @@ __global__ void __launch_bounds__(kGemmThreads, 2) rows_gemm_kernel(const RowsGe
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int n_ct = static_cast<int>(g.n_ct), splits = g.splits;
   const int K = static_cast<int>(g.K), Nc = static_cast<int>(g.Nc), kchunk = static_cast<int>(g.kchunk);
-  const int n_items = g.w.meta[kMetaTiles] * n_ct * splits;  // < 2^31: tiles <= 2^30 / 16, n_ct * splits small
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int sp = item % splits;
-    const int ct = (item / splits) % n_ct;
-    const int tile = item / (splits * n_ct);
+  const int64_t n_items = static_cast<int64_t>(g.w.meta[kMetaTiles]) * n_ct * splits;
+  for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int sp = static_cast<int>(item % splits);
+    const int ct = static_cast<int>((item / splits) % n_ct);
+    const int64_t tile = item / (static_cast<int64_t>(splits) * n_ct);
     const int a = g.w.tile_seg[tile];
     const int off = g.w.tile_off[tile];
     const int rem = g.w.seg_n[a] - off;
