@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash bench/gpu_check.sh        # OUT defaults to ./out
 #
 # Steps, in priority order, each with a timeout inside an overall budget (ESAMP_GPU_CHECK_BUDGET seconds,
-# default 450, so the whole run stays under 8 minutes):
+# default 470, so the whole run stays under 8 minutes):
 #   1. build the extension, the C++ benchmarks and the C++ test harnesses with CMake (ESAMP_CUDA=ON,
 #      ESAMP_CUDA_ARCHS=90 unless set; the reweight row kernels compile in parallel, one file per dtype);
 #   2. tools/check_cubins.sh on the built library (every kernel family, cuBLAS linked, no local memory in the
@@ -19,16 +19,17 @@
 #        both forced engines; warm start 1,024 rows of one slot in a 256-slot bank: <= 1 ms per step and
 #        <= 64 MB of workspace (bench_distiller_cuda);
 #   5. CUDA timing of esamp.ops / esamp.Distiller against the eager PyTorch baselines (CUDA events);
-#   6. the rest of the test suite, the vLLM smoke run and the CPU Python benchmarks, if time is left.
-# Files written under $OUT (at most 8): summary.txt, build.log, test_cuda.log, tests_other.log, bench.log,
-# results.json (every benchmark's JSON, bench/results style: machine, command, timings, targets).
+#   6. the vLLM and SGLang smoke runs, the rest of the test suite and the CPU Python benchmarks, if time is left.
+# Files written under $OUT (at most 8, the device tool's limit): summary.txt, build.log, test_cuda.log,
+# bench.log, vllm_smoke.log, sglang_smoke.log, tests_other.log, results.json (every benchmark's JSON,
+# bench/results style: machine, command, timings, targets).
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/out}
 mkdir -p "$OUT"
-BUDGET=${ESAMP_GPU_CHECK_BUDGET:-450}
+BUDGET=${ESAMP_GPU_CHECK_BUDGET:-470}
 ARCHS=${ESAMP_CUDA_ARCHS:-90}
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -98,7 +99,7 @@ build() {
     cmake --build build/gpu -j "$(nproc)" &&
     ln -sf "$ROOT/build/gpu/_C.so" python/esamp/_C.so
 }
-if ! run_step "build (CMake, sm_${ARCHS// /,sm_})" 240 "$OUT/build.log" build; then
+if ! run_step "build (CMake, sm_${ARCHS// /,sm_})" 300 "$OUT/build.log" build; then
   note "build failed: nothing else can run"
   exit 1
 fi
@@ -260,13 +261,17 @@ PYEOF
 run_step "CUDA timing vs eager PyTorch" 120 "$OUT/bench.log" \
   env PYTHONPATH=python "$PY" "$TMP/cuda_vs_eager.py" "$TMP/cuda_vs_eager.json"
 
-run_step "every op on CUDA vs eager (+ FlashInfer when installed), SmolLM2 sizes" 90 "$OUT/bench_ops_cuda.log" \
+run_step "every op on CUDA vs eager (+ FlashInfer when installed), SmolLM2 sizes" 90 "$OUT/bench.log" \
   env PYTHONPATH=python "$PY" bench/bench_ops.py --device cuda --no-compile --reps 20 --warmup 3 \
   --out "$TMP/ops_cuda.json"
 
 # ------------------------------------------------------------------------------------------ 6. other tests
 run_step "vLLM smoke (skips unless vLLM + CUDA + a model are present)" 120 "$OUT/vllm_smoke.log" \
   env PYTHONPATH=python "$PY" bench/vllm_smoke.py
+run_step "SGLang smoke (skips unless SGLang + CUDA + a model are present)" 180 "$OUT/sglang_smoke.log" \
+  env PYTHONPATH=python "$PY" bench/sglang_smoke.py
+grep -h -E "^(vllm|sglang)_smoke: " "$OUT/vllm_smoke.log" "$OUT/sglang_smoke.log" 2>/dev/null | sed 's/^/  /' \
+  | tee -a "$SUMMARY"
 
 run_step "pytest tests (except test_cuda.py)" 150 "$OUT/tests_other.log" \
   env PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider -rfE --ignore=tests/test_cuda.py tests
