@@ -1,22 +1,16 @@
 """Distiller slot management: a request group (a request and all n of its samples) holds one slot while any
 of its members is alive; the slot is reset and returned to the pool when the last member finishes.
 
-Pure Python (no torch, no vLLM) so that the policy is testable on its own.
+Pure Python (no torch, no engine) so that the policy is testable on its own.  Which requests form a group is
+the engine's convention, given as ``group_of(req_id) -> key`` (vLLM: ``esamp.integrations.vllm._common.group_key``).
 """
 from __future__ import annotations
 
-import re
 from typing import Callable, Dict, List, Optional
 
-# vLLM's parallel sampling (SamplingParams.n > 1) fans a request out into child requests whose ids are
-# f"{index}_{parent_request_id}" (vllm/v1/engine/parallel_sampling.py).  The parent id carries a random
-# suffix, so two unrelated requests never share a group key.
-_CHILD_ID = re.compile(r"^(\d+)_(.+)$")
 
-
-def group_key(req_id: str) -> str:
-    m = _CHILD_ID.match(req_id)
-    return m.group(2) if m else req_id
+def _identity(req_id: str) -> str:
+    return req_id
 
 
 class SlotManager:
@@ -29,12 +23,14 @@ class SlotManager:
     """
 
     def __init__(self, num_slots: int, *, shared: bool = False,
-                 on_reset: Optional[Callable[[List[int]], None]] = None):
+                 on_reset: Optional[Callable[[List[int]], None]] = None,
+                 group_of: Callable[[str], str] = _identity):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots: expected an int >= 1, got {num_slots!r}")
         self.num_slots = num_slots
         self.shared = shared
         self._on_reset = on_reset
+        self.group_of = group_of
         self._free: List[int] = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest id
         self._group_slot: Dict[str, int] = {}
         self._group_members: Dict[str, set] = {}
@@ -52,7 +48,7 @@ class SlotManager:
             self._group_members.setdefault("__shared__", set()).add(req_id)
             self.acquired += 1
             return 0
-        g = group_key(req_id)
+        g = self.group_of(req_id)
         if g not in self._group_slot:
             if not self._free:
                 self.exhausted += 1
