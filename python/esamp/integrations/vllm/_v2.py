@@ -223,6 +223,7 @@ class ESampSampler:
         self._base = base
         self._ad = adapter
         self._active = None
+        adapter.logprobs_mode = getattr(base, "logprobs_mode", None) or adapter.logprobs_mode
         core = adapter.core
         orig_sample = base.sample
 
@@ -289,10 +290,15 @@ def esamp_model_state_cls(base: type) -> type:
         if cfg is None:
             return
         reason = unsupported_reason(vllm_config, model, cfg)
+        if reason is None:
+            try:
+                self.esamp = V2Adapter(cfg, vllm_config, model, device, self.max_num_reqs, self.max_num_tokens)
+            except Exception as e:  # never break vLLM: report, and reject ESamp requests (unless fallback)
+                logger.exception("ESamp: attaching to %s failed", base.__name__)
+                reason = f"attaching to {base.__name__} failed ({type(e).__name__}: {e})"
         if reason is not None:
             mark_inactive(self, cfg, reason, RUNNER)
             return
-        self.esamp = V2Adapter(cfg, vllm_config, model, device, self.max_num_reqs, self.max_num_tokens)
         setattr(self, STATUS_ATTR, self.esamp)
 
     def add_request(self, req_index, new_req_data):
