@@ -87,8 +87,9 @@ def worker(spec_path: str) -> None:
         ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return {"tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt}
 
-    for w in WORKLOADS:   # warm-up, untimed
-        one_pass(w)
+    for w in WORKLOADS:   # warm-up, untimed (a short pass per workload)
+        llm.generate(ps[:4], SamplingParams(temperature=0.9, max_tokens=8, ignore_eos=True, **WORKLOADS[w]),
+                     use_tqdm=False)
     _say({"ready": True, "load_s": load_s})
     for line in sys.stdin:
         cmd = line.split()
@@ -201,8 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="Hugging Face model folder (safetensors)")
     ap.add_argument("--convert-smollm2", metavar="DIR", help="write the embedded SmolLM2-135M to DIR and exit")
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--passes", type=int, default=3, help="timed passes per case")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-model-len", type=int, default=512)
