@@ -480,7 +480,7 @@ def test_unsupported_configurations_disable_esamp():
 # ------------------------------------------------------------------------------------------------------------
 def test_slot_manager_groups_and_exhaustion():
     resets = []
-    sm = SlotManager(2, on_reset=resets.extend, group_of=group_key)
+    sm = SlotManager(2, on_reset=resets.extend, group_key=group_key)
     assert group_key("3_abc-1234") == "abc-1234" and group_key("abc-1234") == "abc-1234"
     assert [sm.acquire(r) for r in ("0_p-1", "1_p-1", "q-2")] == [0, 0, 1]
     assert sm.acquire("r-3") == -1 and sm.exhausted == 1

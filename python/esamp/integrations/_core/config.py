@@ -81,9 +81,10 @@ def _as_float(key: str, v: Any, *, lo: Optional[float] = None, lo_open: bool = F
     return f
 
 
-def _as_int(key: str, v: Any, *, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"esamp.{key}: expected an int >= {lo}, got {v!r}")
+def _as_int(key: str, v: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = ("" if lo is None else f" >= {lo}") if hi is None else f" in [{lo}, {hi}]"
+        raise ConfigError(f"esamp.{key}: expected an int{rng}, got {v!r}")
     return int(v)
 
 

@@ -214,7 +214,7 @@ class ESampCore:
                                          lr=cfg.lr, adam_eps=cfg.adam_eps, clip=cfg.clip, device=self.device,
                                          seed=cfg.seed, ring_rows=ring, gamma_init=gamma)
         self.slots = SlotManager(self.num_slots, shared=cfg.mode == "shared", on_reset=self._reset_slots,
-                                 group_of=group_of)
+                                 group_key=group_of)
 
         self.table = _Table(self.max_num_reqs)
         self.key_of: Dict[str, int] = {}             # live ESamp request -> table key

@@ -24,12 +24,12 @@ See docs/vllm.md.
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import logging
 import sys
 import threading
 from typing import Any, Callable, Dict, List
 
+from .._core.hooks import PostImportHooks
 from ._config import (ENV_CONFIG, ENV_ENABLE, ConfigError, EngineConfig, RequestConfig,  # noqa: F401
                       request_config, resolve_engine_config, validate_extra_args)
 
@@ -48,68 +48,12 @@ _lock = threading.Lock()
 _registered = False
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Post-import hooks: run a callback right after a module has executed, without importing it ourselves.
-# ---------------------------------------------------------------------------------------------------------
-class _HookedLoader(importlib.abc.Loader):
-    def __init__(self, loader, callbacks: List[Callable[[Any], None]]):
-        self._loader = loader
-        self._callbacks = callbacks
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        for cb in self._callbacks:
-            _run_callback(cb, module)
-
-    def __getattr__(self, name):  # get_source, get_filename, is_package, ... of the real loader
-        return getattr(self._loader, name)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    def __init__(self):
-        self.pending: Dict[str, List[Callable[[Any], None]]] = {}
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in self.pending:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _HookedLoader(spec.loader, self.pending.pop(fullname))
-        return spec
-
-
-_finder = _PostImportFinder()
-
-
-def _run_callback(cb, module) -> None:
-    try:
-        cb(module)
-    except ConfigError:
-        raise
-    except Exception:  # a broken hook must never break vLLM's import
-        logger.exception("esamp: post-import hook %s for %s failed", getattr(cb, "__name__", cb), module.__name__)
-
-
-def when_imported(name: str, callback: Callable[[Any], None]) -> None:
-    """Calls ``callback(module)`` now if ``name`` is imported, else right after it is."""
-    mod = sys.modules.get(name)
-    if mod is not None:
-        _run_callback(callback, mod)
-        return
-    _finder.pending.setdefault(name, []).append(callback)
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+# Post-import hooks (esamp.integrations._core.hooks): a ConfigError raised by a patch propagates (a bad setting is
+# the user's error, not a broken hook); any other exception is logged and never breaks vLLM's import.
+_hooks = PostImportHooks(logger, reraise=(ConfigError,))
+_finder = _hooks.finder
+_run_callback = _hooks.run_callback
+when_imported = _hooks.when_imported
 
 
 # ---------------------------------------------------------------------------------------------------------
