@@ -92,7 +92,7 @@ fi
 import glob, importlib.metadata as md, importlib.util, os
 spec = importlib.util.find_spec("vllm")
 pkg = list(spec.submodule_search_locations)[0]
-assert glob.glob(os.path.join(pkg, "_C*.so")), f"no compiled vllm/_C in {pkg}"
+assert glob.glob(os.path.join(pkg, "_C.*so")), f"no compiled vllm/_C in {pkg}"
 eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "esamp"]
 assert eps and eps[0].value == "esamp.integrations.vllm:register", eps
 import esamp, torch
