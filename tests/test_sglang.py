@@ -73,7 +73,7 @@ from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams  # noq
 
 from esamp.integrations.sglang import _config, _runtime  # noqa: E402
 from esamp.integrations.sglang._sampler import ESampSampler  # noqa: E402
-from esamp.integrations.sglang._slots import SlotManager  # noqa: E402
+from esamp.integrations._core.slots import SlotManager  # noqa: E402
 
 V, H = 97, 32
 

@@ -54,6 +54,12 @@ try:
     from vllm.v1.worker.gpu.sample.sampler import Sampler
     from vllm.v1.worker.gpu.states import RequestState
     import vllm.v1.worker.gpu.model_states as v2_model_states
+    import vllm.v1.worker.gpu_model_runner as v1_runner_mod
+    import vllm.v1.worker.worker_base as worker_base_mod
+    from vllm.v1.sample.sampler import Sampler as V1Sampler
+    import vllm.v1.sample.ops.topk_topp_sampler as v1_topk_mod
+    from vllm.v1.utils import CpuGpuBuffer
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch as V1InputBatch
 except ImportError as e:
     pytest.skip(f"vLLM is not importable ({type(e).__name__}: {e}); install it with tools/install_vllm.sh",
                 allow_module_level=True)
@@ -69,9 +75,11 @@ finally:
             os.environ[_k] = _v
 
 import esamp.integrations.vllm as plugin  # noqa: E402
-from esamp.integrations.vllm import _config, _runtime  # noqa: E402
-from esamp.integrations.vllm._capture import BUFFER_NAME, install_layer_capture  # noqa: E402
-from esamp.integrations.vllm._slots import SlotManager, group_key  # noqa: E402
+from esamp.integrations._core import capture as core_capture  # noqa: E402
+from esamp.integrations._core.capture import BUFFER_NAME, install_layer_capture  # noqa: E402
+from esamp.integrations._core.slots import SlotManager  # noqa: E402
+from esamp.integrations.vllm import _common, _config, _v2  # noqa: E402
+from esamp.integrations.vllm._common import group_key  # noqa: E402
 
 
 def _top_k_top_p(logits, k, p, has_topp_only_rows=True):
@@ -80,6 +88,7 @@ def _top_k_top_p(logits, k, p, has_topp_only_rows=True):
 
 v2_sampler_mod.apply_top_k_top_p = _top_k_top_p
 v2_states_mod.apply_top_k_top_p = _top_k_top_p
+v1_topk_mod.apply_top_k_top_p = _top_k_top_p   # the V1 sampler's PyTorch path calls it too
 
 CPU = torch.device("cpu")
 
@@ -225,7 +234,8 @@ class Harness:
         self.V, self.H = V, H
         self.model = TinyLM(V, H, seed=seed).to(dtype)
         self.cfg = ns_config(H, max_reqs, max_tokens, esamp_cfg, dtype)
-        self.state = _runtime.esamp_model_state_cls(BareState)(self.cfg, self.model, None, CPU)
+        self.cfg.model_config.logprobs_mode = logprobs_mode
+        self.state = _v2.esamp_model_state_cls(BareState)(self.cfg, self.model, None, CPU)
         self.rt = self.state.esamp
         vcfg = VllmConfig()
         self.req_states = RequestState(max_reqs, 256, max_tokens, 0, V, CPU)
@@ -304,7 +314,9 @@ class Harness:
         return hidden, out
 
     def forward(self, ib):
-        """The model forward (fills the capture buffer) and compute_logits, as the runner does."""
+        """ModelState.prepare_inputs, the model forward (fills the capture buffer) and compute_logits, as the
+        runner does."""
+        self.state.prepare_inputs(ib, self.req_states)
         with torch.inference_mode():
             hidden = self.model(ib.input_ids.long(), ib.positions)
             return hidden, self.model.compute_logits(hidden[ib.logits_indices])
@@ -419,12 +431,17 @@ def test_register_is_lazy_and_harmless_in_a_fresh_process():
         import os, sys
         import esamp.integrations.vllm as p
         p.register()
+        lazy = ("esamp.integrations.vllm._v1", "esamp.integrations.vllm._v2", "esamp.integrations._core.runtime")
         heavy = [m for m in ("vllm.v1.worker.gpu.model_runner", "vllm.v1.worker.gpu.model_states",
-                             "esamp.integrations.vllm._runtime") if m in sys.modules]
+                             "vllm.v1.worker.gpu_model_runner") + lazy if m in sys.modules]
         assert not heavy, heavy
         import vllm.v1.worker.gpu.model_states as ms
         assert ms.resolve_model_state_cls._esamp_wrapped
-        assert "esamp.integrations.vllm._runtime" not in sys.modules
+        import vllm.v1.worker.gpu_model_runner as v1
+        assert v1.GPUModelRunner.load_model._esamp_wrapped
+        import vllm.v1.worker.worker_base as wb
+        assert callable(wb.WorkerBase.esamp_stats)
+        assert not [m for m in lazy if m in sys.modules]
         print("OK")
     """)
     env = dict(os.environ, **_ENV)
@@ -439,21 +456,21 @@ def test_unsupported_configurations_disable_esamp():
     model = TinyLM()
     cfg = _config.EngineConfig()
     base = ns_config(32, 4, 16, {})
-    assert _runtime.unsupported_reason(base, model, cfg) is None
+    assert _common.unsupported_reason(base, model, cfg) is None
     spec = ns_config(32, 4, 16, {})
     spec.speculative_config = object()
-    assert "speculative decoding" in _runtime.unsupported_reason(spec, model, cfg)
+    assert "speculative decoding" in _common.unsupported_reason(spec, model, cfg)
     pp = ns_config(32, 4, 16, {})
     pp.parallel_config.pipeline_parallel_size = 2
-    assert "pipeline parallelism" in _runtime.unsupported_reason(pp, model, cfg)
+    assert "pipeline parallelism" in _common.unsupported_reason(pp, model, cfg)
     capped = TinyLM()
     capped.logits_processor.soft_cap = 30.0
-    assert "soft-caps" in _runtime.unsupported_reason(base, capped, cfg)
+    assert "soft-caps" in _common.unsupported_reason(base, capped, cfg)
     far = _config.EngineConfig(capture_layer=7)
-    assert "capture_layer 7 is out of range for 3" in _runtime.unsupported_reason(base, model, far)
+    assert "capture_layer 7 is out of range for 3" in _common.unsupported_reason(base, model, far)
     # An unsupported engine keeps vLLM's sampler untouched.
     spec.additional_config = {"esamp": {}}
-    st = _runtime.esamp_model_state_cls(BareState)(spec, model, None, CPU)
+    st = _v2.esamp_model_state_cls(BareState)(spec, model, None, CPU)
     assert st.esamp is None and st.custom_sampler(object()) is None
     assert type(model.model.layers[0]) is TinyDecoderLayer and "compute_logits" not in model.__dict__
 
@@ -463,7 +480,7 @@ def test_unsupported_configurations_disable_esamp():
 # ------------------------------------------------------------------------------------------------------------
 def test_slot_manager_groups_and_exhaustion():
     resets = []
-    sm = SlotManager(2, on_reset=resets.extend)
+    sm = SlotManager(2, on_reset=resets.extend, group_key=group_key)
     assert group_key("3_abc-1234") == "abc-1234" and group_key("abc-1234") == "abc-1234"
     assert [sm.acquire(r) for r in ("0_p-1", "1_p-1", "q-2")] == [0, 0, 1]
     assert sm.acquire("r-3") == -1 and sm.exhausted == 1
@@ -607,19 +624,20 @@ def test_candidate_sets_match_vllm(beta):
         hidden, logits = h.forward(ib)
         logits0 = logits.clone()
         got = {}
-        orig_apply = h.rt.apply
+        orig_sample = h.rt.core.sample
 
-        def spy(step, base, sampled, processed, idx_mapping, pos, return_logprobs):
-            out = orig_apply(step, base, sampled, processed, idx_mapping, pos, return_logprobs)
+        def spy(step, l, want_mixed=False):
+            out = orig_sample(step, l, want_mixed=want_mixed)
+            assert want_mixed and step.rows.tolist() == list(range(len(ids)))
             got["processed"] = out[1]
             return out
 
-        h.rt.apply = spy
+        h.rt.core.sample = spy
         try:
             with torch.inference_mode():
                 h.sampler(logits, ib)
         finally:
-            h.rt.apply = orig_apply
+            h.rt.core.sample = orig_sample
         mask, proc = vllm_candidate_mask(h, ib, logits0)  # h.ref holds the requests' real parameters
         mine = got["processed"]
         assert torch.equal(torch.isfinite(mine), mask), "candidate sets differ from vLLM's"
@@ -699,21 +717,32 @@ def test_seeds_and_positions_drive_the_noise():
     _, c = run([0, 1, 2, 3], [4242, 4243, 77, 99])
     assert c["s0"] == a["s0"] and c["s3"] != a["s3"]
 
-    # First step of a fresh engine, checked against the op directly.
-    g = Harness({"beta": 0.25, "log_interval_s": 0}, max_reqs=8)
-    for i in range(4):
-        g.add(f"s{i}", SamplingParams(temperature=1.2, seed=seeds[i]))
-    ib, hidden, logits, out, _ = g.step([f"s{i}" for i in range(4)], [11, 12, 13, 14], input_ids=[1, 2, 3, 4],
-                                        reference=False)
-    rt = g.rt
-    with torch.inference_mode():
-        fresh = esamp.Trainer(32, rank=64, layers=2, slots=rt.num_slots, device="cpu", seed=0, ring_rows=64,
-                              gamma_init=g.model.model.norm.weight.detach().float())
-        pred = fresh.predict(rt.capture_buffer[:4], torch.from_numpy(rt.slot[ib.idx_mapping_np]))
-        want, _ = esamp.ops.reweight(logits, pred, g.model.lm_head.weight, beta=0.25, temperature=1.2,
-                                     seed=torch.tensor(seeds, dtype=torch.int64),
-                                     step=torch.tensor([11, 12, 13, 14]))
-    assert torch.equal(tokens(out), want)
+    # First step of a fresh engine, checked against the ops directly: the fused reweight (latent mixing off), and
+    # latent mixing (the default for rows without a filter): the LM head sees (1 + beta) t - beta t_hat and the
+    # reweight runs with beta 0 on those logits.
+    for latent in (False, True):
+        g = Harness({"beta": 0.25, "log_interval_s": 0, "latent_mixing": latent}, max_reqs=8)
+        for i in range(4):
+            g.add(f"s{i}", SamplingParams(temperature=1.2, seed=seeds[i]))
+        ib, hidden, logits, out, _ = g.step([f"s{i}" for i in range(4)], [11, 12, 13, 14], input_ids=[1, 2, 3, 4],
+                                            reference=False)
+        rt = g.rt
+        assert rt.counters["rows_latent"] == (4 if latent else 0) and rt.counters["rows_esamp"] == 4
+        with torch.inference_mode():
+            fresh = esamp.Trainer(32, rank=64, layers=2, slots=rt.num_slots, device="cpu", seed=0, ring_rows=64,
+                                  gamma_init=g.model.model.norm.weight.detach().float())
+            pred = fresh.predict(rt.capture_buffer[:4], torch.from_numpy(rt.slot[ib.idx_mapping_np]))
+            W = g.model.lm_head.weight
+            seed_t, step_t = torch.tensor(seeds, dtype=torch.int64), torch.tensor([11, 12, 13, 14])
+            t = hidden[ib.logits_indices]
+            if latent:
+                mixed = torch.nn.functional.linear(esamp.ops.mix_hidden(t, pred, 0.25), W)
+                torch.testing.assert_close(logits, mixed, rtol=0, atol=0)   # the runner's logits are the mixed ones
+                want, _ = esamp.ops.reweight(mixed, pred, W, beta=0.0, temperature=1.2, seed=seed_t, step=step_t)
+            else:
+                torch.testing.assert_close(logits, torch.nn.functional.linear(t, W), rtol=0, atol=0)
+                want, _ = esamp.ops.reweight(logits, pred, W, beta=0.25, temperature=1.2, seed=seed_t, step=step_t)
+        assert torch.equal(tokens(out), want)
 
 
 def test_processed_logprobs_are_esamp_logprobs():
@@ -730,11 +759,11 @@ def test_processed_logprobs_are_esamp_logprobs():
         captured["lp"] = out[1].clone()
         return out
 
-    _runtime.esamp.ops.reweight = spy
+    esamp.ops.reweight = spy
     try:
         ib, hidden, logits, out, ref = h.step(ids, [4, 5, 6, 7, 8], input_ids=[1, 2, 3, 4, 5])
     finally:
-        _runtime.esamp.ops.reweight = orig
+        esamp.ops.reweight = orig
     lt = out.logprobs_tensors
     assert torch.equal(lt.logprob_token_ids[:, 0], tokens(out))
     torch.testing.assert_close(lt.logprobs[:4, 0], captured["lp"], rtol=0, atol=2e-5)
@@ -807,16 +836,17 @@ def test_dummy_warmup_and_prompt_logprob_calls_are_ignored():
     # takes the LM-head input of the step's own compute_logits, the one right before it.
     ids = ["r0", "r1", "r2"]
     seen = []
-    orig_apply = h.rt.apply
+    orig_sample = h.rt.core.sample
 
-    def spy(step, *args):
-        seen.append(step.lm_in)
-        return orig_apply(step, *args)
+    def spy(step, *args, **kwargs):
+        seen.append(step.t)
+        return orig_sample(step, *args, **kwargs)
 
-    h.rt.apply = spy
+    h.rt.core.sample = spy
     try:
         for s in range(2):
             ib = h.batch(ids, [4 + s] * 3, input_ids=[1 + s, 2 + s, 3 + s])
+            h.state.prepare_inputs(ib, h.req_states)
             with torch.inference_mode():
                 hidden = h.model(ib.input_ids.long(), ib.positions)
                 logits = h.model.compute_logits(hidden[ib.logits_indices])
@@ -824,10 +854,10 @@ def test_dummy_warmup_and_prompt_logprob_calls_are_ignored():
                 h.model.compute_logits(torch.randn(3, 32))  # prompt-logprobs style call after the sampler
             assert torch.equal(seen[-1], hidden[ib.logits_indices])
     finally:
-        h.rt.apply = orig_apply
-    assert h.rt.counters["rows_esamp"] == 6
-    # A sampler call on logits that did not come from the last compute_logits (here: the previous step's
-    # logits, after a prompt-logprobs style call) falls back to vLLM's sampler for every row.
+        h.rt.core.sample = orig_sample
+    assert h.rt.counters["rows_esamp"] == 6 and len(seen) == 2
+    # A sampler call on logits that did not come from the step's compute_logits (here: the previous step's
+    # logits, after a prompt-logprobs style call) falls back to vLLM's sampler for every row, and counts them.
     before = h.rt.counters["rows_no_lm_input"]
     with torch.inference_mode():
         out = h.sampler(logits, ib)
@@ -1170,11 +1200,11 @@ def test_warm_start_turns_off_when_final_norm_is_not_the_lm_head_input():
     h.rt.trainer.synchronize()
     assert h.rt.trainer.stats()["rows_trained"] == 1   # only the ordinary update of the logit row
     # Layouts without a usable final norm are refused up front.
-    assert "no final 'norm' module" in _runtime.final_norm_unsupported_reason(nn.Module())
+    assert "no final 'norm' module" in core_capture.final_norm_unsupported_reason(nn.Module())
     bare = nn.Module()
     bare.norm = nn.Module()
-    assert "no forward of its own" in _runtime.final_norm_unsupported_reason(bare)
-    assert _runtime.final_norm_unsupported_reason(h.model.model) is None
+    assert "no forward of its own" in core_capture.final_norm_unsupported_reason(bare)
+    assert core_capture.final_norm_unsupported_reason(h.model.model) is None
 
 
 def test_warmup_config_keys():
@@ -1220,3 +1250,399 @@ def test_final_norm_capture_compiles_fullgraph(backend):
     assert explain.graph_break_count == 0
     ops = [str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum("esamp.capture" in o for o in ops) == 2, ops
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The V1 model runner family (vLLM 0.33's GPUModelRunner), around vLLM's real V1 InputBatch and Sampler
+# ------------------------------------------------------------------------------------------------------------
+def _v1_sampler(logprobs_mode):
+    """vLLM's V1 Sampler; its CPU top-k/top-p and greedy kernels are compiled code (vllm._C, absent here), so
+    vLLM's own PyTorch paths stand in for them (the paths vLLM takes on platforms without those kernels; top-k/
+    top-p through vLLM's PyTorch implementation, as for V2 above)."""
+    s = V1Sampler(logprobs_mode=logprobs_mode)
+    s.topk_topp_sampler.forward = s.topk_topp_sampler.forward_native
+    s.greedy_sample = lambda logits: logits.argmax(dim=-1).view(-1)
+    return s
+
+
+class MiniV1Runner(v1_runner_mod.GPUModelRunner):
+    """What the adapter relies on in vLLM's V1 GPUModelRunner, driven the way that runner drives it (the
+    persistent InputBatch, ``_update_states`` per scheduler output, ``execute_model`` computing the logits at
+    ``query_start_loc[1:] - 1``, ``sample_tokens`` calling ``self.sampler(logits=..., sampling_metadata=...)``),
+    around vLLM's real V1 InputBatch and Sampler.  Like vLLM's CPUModelRunner it overrides ``load_model``
+    without calling the base class's (the case the plugin must not miss)."""
+
+    def __init__(self, esamp_cfg, *, V=64, H=32, max_reqs=8, max_tokens=64, logprobs_mode="raw_logprobs", seed=0):
+        self.vllm_config = ns_config(H, max_reqs, max_tokens, esamp_cfg)
+        self.vllm_config.model_config.logprobs_mode = logprobs_mode
+        self.device, self.max_num_reqs, self.max_num_tokens = CPU, max_reqs, max_tokens
+        self.speculative_config, self.is_pooling_model = None, False
+        self.V, self.H, self._seed = V, H, seed
+        self.input_batch = V1InputBatch(max_num_reqs=max_reqs, max_model_len=256, max_num_batched_tokens=max_tokens,
+                                        device=CPU, vocab_size=V, block_sizes=[16], max_num_blocks_per_req=[16])
+        self.query_start_loc = CpuGpuBuffer(max_reqs + 1, dtype=torch.int32, device=CPU, pin_memory=False)
+        self.sampler = _v1_sampler(logprobs_mode)
+        self.requests = {}
+        self.model = None
+
+    def load_model(self):
+        self.model = TinyLM(self.V, self.H, seed=self._seed)
+
+    def get_model(self):
+        return self.model
+
+    def _update_states(self, so):
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+            self.input_batch.remove_request(rid)
+        for nr in so.scheduled_new_reqs:
+            sp = nr.sampling_params
+            gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            rs = CachedRequestState(req_id=nr.req_id, prompt_token_ids=list(nr.prompt_token_ids), mm_features=[],
+                                    sampling_params=sp, generator=gen, block_ids=([0],), num_computed_tokens=0,
+                                    output_token_ids=[])
+            self.requests[nr.req_id] = rs
+            self.input_batch.add_request(rs)
+        self.input_batch.condense()
+        self.input_batch.refresh_metadata()
+
+    def execute_model(self, so):
+        self._update_states(so)
+        ib = self.input_batch
+        n = ib.num_reqs
+        self.logits = None
+        if n == 0:            # nothing scheduled: vLLM's runner returns before the forward
+            return
+        sched = np.array([so.num_scheduled_tokens[r] for r in ib.req_ids], dtype=np.int32)
+        qsl = np.zeros(n + 1, np.int32)
+        np.cumsum(sched, out=qsl[1:])
+        self.query_start_loc.np[:n + 1] = qsl
+        ids, pos = [], []
+        for i, rid in enumerate(ib.req_ids):
+            rs, done = self.requests[rid], int(ib.num_computed_tokens_cpu[i])
+            toks = list(rs.prompt_token_ids) + list(rs.output_token_ids)
+            ids += toks[done:done + sched[i]]
+            pos += list(range(done, done + int(sched[i])))
+        with torch.inference_mode():
+            self.hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long))
+            self.logits = self.model.compute_logits(self.hidden[torch.from_numpy(qsl[1:] - 1).long()])
+        self.sched = sched
+
+    def sample_tokens(self):
+        ib = self.input_batch
+        logits = self.logits
+        if logits is None:
+            return None
+        self.logits_seen = logits.clone()
+        with torch.inference_mode():
+            out = self.sampler(logits=logits, sampling_metadata=ib.sampling_metadata)
+        toks = out.sampled_token_ids.view(-1).tolist()
+        for i, rid in enumerate(ib.req_ids):
+            rs = self.requests[rid]
+            ib.num_computed_tokens_cpu[i] += self.sched[i]
+            if ib.num_computed_tokens_cpu[i] >= rs.num_prompt_tokens:   # a real token (not a prefill chunk end)
+                rs.output_token_ids.append(toks[i])
+        return out
+
+    def step(self, new=(), finished=(), chunk=None):
+        """One scheduler step: ``new`` = [(req_id, SamplingParams, prompt)], every live request scheduled (new
+        ones with their whole prompt, or ``chunk[req_id]`` tokens of it)."""
+        reqs = [new_req(rid, sp, prompt) for rid, sp, prompt in new]
+        live = [r for r in self.requests if r not in finished] + [r.req_id for r in reqs]
+        num = {}
+        for rid in live:
+            rs = self.requests.get(rid)
+            if rs is None:
+                prompt = next(p for r, _, p in new if r == rid)
+                num[rid] = (chunk or {}).get(rid, len(prompt))
+            else:
+                i = self.input_batch.req_id_to_index[rid]
+                left = rs.num_prompt_tokens - int(self.input_batch.num_computed_tokens_cpu[i])
+                num[rid] = (chunk or {}).get(rid, left) if left > 0 else 1
+        self.execute_model(SimpleNamespace(finished_req_ids=set(finished), scheduled_new_reqs=reqs,
+                                           num_scheduled_tokens=num))
+        return self.sample_tokens()
+
+
+def _v1_runner(esamp_cfg, **kw):
+    plugin.register()
+    r = MiniV1Runner(esamp_cfg, **kw)
+    r.load_model()
+    return r
+
+
+def test_v1_load_model_hooks_cover_every_runner_subclass():
+    plugin.register()
+    import vllm.v1.worker.cpu_model_runner as cpu_runner_mod
+    for cls in (v1_runner_mod.GPUModelRunner, cpu_runner_mod.CPUModelRunner, MiniV1Runner):
+        assert getattr(cls.__dict__["load_model"], "_esamp_wrapped", False), cls
+
+    class Later(MiniV1Runner):          # defined after register(): caught by __init_subclass__
+        def load_model(self):
+            super().load_model()        # runs the attach twice: must stay idempotent
+
+    assert Later.__dict__["load_model"]._esamp_wrapped
+    r = Later({"beta": 0.3, "log_interval_s": 0})
+    r.load_model()
+    ad = r._esamp_status
+    assert type(ad).__name__ == "V1Adapter" and ad.stats()["runner"] == "V1 model runner"
+    assert len(r.model.__dict__) and "compute_logits" in r.model.__dict__
+    r.load_model()                      # a second load keeps the one adapter
+    assert r._esamp_status is ad
+    # Disabled: vLLM's objects untouched.
+    off = _v1_runner(None)
+    assert "_esamp_status" not in off.__dict__ and "compute_logits" not in off.model.__dict__
+    assert "forward" not in off.sampler.__dict__ and "_update_states" not in off.__dict__
+    assert callable(worker_base_mod.WorkerBase.esamp_stats)
+
+
+def test_v1_plain_rows_match_vllm_and_esamp_rows_follow_the_ops():
+    """Plain, opted-out and greedy rows give vLLM's tokens; ESamp rows are esamp.ops.reweight on the processed
+    logits with the request's seed and position (fused rows), or on the logits of the mixed LM-head input with
+    beta 0 (latent rows); the trainer then trains on (layer-0 residual, LM-head input)."""
+    cfg = {"beta": 0.5, "log_interval_s": 0, "warmup_steps": 0}
+    es, ref = _v1_runner(cfg), _v1_runner(None)
+    prompts = {f"r{i}": [1 + i, 7 + i, 3 + 2 * i] for i in range(6)}
+    params = {"r0": SamplingParams(temperature=0.9, seed=11),                     # ESamp, latent
+              "r1": SamplingParams(temperature=1.2, top_k=8, seed=12),            # ESamp, fused (filter)
+              "r2": SamplingParams(temperature=0.8, top_p=0.7, seed=13),          # ESamp, fused (filter)
+              "r3": SamplingParams(temperature=0.9, seed=14, extra_args={"esamp": False}),
+              "r4": SamplingParams(temperature=0.0),
+              "r5": SamplingParams(temperature=1.0, top_k=5, seed=15, extra_args={"esamp": False})}
+    new = [(r, params[r], prompts[r]) for r in prompts]
+    twin = esamp.Trainer(32, rank=64, layers=2, slots=8, device="cpu", seed=0, ring_rows=64,
+                         gamma_init=es.model.model.norm.weight.detach().float())
+    core = es._esamp_status.core
+    for step in range(4):
+        out, want = es.step(new if step == 0 else ()), ref.step(new if step == 0 else ())
+        got, exp = tokens(out), tokens(want)
+        ids = es.input_batch.req_ids
+        assert ids == ref.input_batch.req_ids
+        for i, rid in enumerate(ids):
+            if rid in ("r3", "r4", "r5"):
+                assert got[i] == exp[i], (step, rid)
+        # ESamp rows, recomputed from the ops with an independent trainer fed the same pairs, batched as the
+        # adapter batches them (the LM head over all logits rows, one reweight over the ESamp rows)
+        n = len(ids)
+        tok_idx = torch.from_numpy(es.query_start_loc.np[1:n + 1] - 1).long()
+        rows = [i for i, rid in enumerate(ids) if rid in ("r0", "r1", "r2")]
+        x = core.capture_buffer.index_select(0, tok_idx[rows])
+        t_all = es.hidden.index_select(0, tok_idx)
+        t = t_all[rows]
+        slots = torch.tensor([core.table.slot[core.key_of[ids[i]]] for i in rows])
+        with torch.inference_mode():
+            pred = twin.predict(x, slots)
+            W = es.model.lm_head.weight
+            lat = [j for j, i in enumerate(rows) if ids[i] == "r0"]
+            lm_in = t_all.clone()
+            lm_in[[rows[j] for j in lat]] = esamp.ops.mix_hidden(t[lat], pred[lat], 0.5)
+            want_logits = torch.nn.functional.linear(lm_in, W)
+            torch.testing.assert_close(es.logits_seen, want_logits, rtol=0, atol=0)   # latent row mixed, others not
+            sps = [params[ids[i]] for i in rows]
+            w, _ = esamp.ops.reweight(
+                es.logits_seen[rows], pred, W,
+                beta=torch.tensor([0.0 if ids[i] == "r0" else 0.5 for i in rows]),
+                temperature=torch.tensor([sp.temperature for sp in sps]),
+                top_k=torch.tensor([max(sp.top_k, 0) for sp in sps]), top_p=torch.tensor([sp.top_p for sp in sps]),
+                seed=torch.tensor([sp.seed for sp in sps]),
+                step=torch.tensor([len(prompts[ids[i]]) - 1 + step for i in rows]))
+        assert got[rows].tolist() == w.tolist(), step
+        twin.observe(x, t, slots)
+    s = es._esamp_status.stats(sync=True)
+    assert s["rows_esamp"] == 12 and s["rows_latent"] == 4 and s["rows_plain"] == 12
+    assert s["trainer_rows_trained"] == 12 and s["requests_esamp"] == 3 and s["requests_plain"] == 3
+    twin.synchronize()
+    torch.testing.assert_close(core.trainer.state_dict()["params"], twin.state_dict()["params"], rtol=0, atol=0)
+
+
+def test_v1_slots_warm_start_and_release():
+    es = _v1_runner({"beta": 0.3, "log_interval_s": 0, "slots": 2, "warmup_steps": 3})
+    core = es._esamp_status.core
+    sp = SamplingParams(n=2, temperature=0.9, seed=5)
+    kids = engine_request_ids("grp", sp)
+    new = [(rid, s, [4, 5, 6, 7, 8]) for rid, s in kids]
+    new.append(("solo", SamplingParams(temperature=1.0, seed=9), [9, 10, 11, 12, 13, 14]))
+    new.append(("extra", SamplingParams(temperature=1.0, seed=3), [2, 3]))    # third group: no slot left
+    es.step(new, chunk={"solo": 4})          # "solo": chunked prefill, completes in the next step
+    assert [core.table.slot[core.key_of[rid]] for rid, _ in kids] == [0, 0] and "extra" not in core.key_of
+    st = es._esamp_status.stats()
+    assert st["warmup_groups"] == 1 and st["warmup_shared"] == 1 and st["requests_no_slot"] == 1
+    es.step()
+    st = es._esamp_status.stats()
+    assert st["warmup_groups"] == 2 and st["warmup_partial"] == 1 and st["warmup_rows"] == 5 + 2
+    assert st["warmup_row_updates"] == 3 * 7
+    for _ in range(2):
+        es.step()
+    es.step(finished=[kids[0][0]])
+    assert core.slots.resets == 0 and core.slots.slots_in_use == 2
+    es.step(finished=[kids[1][0], "solo", "extra"])
+    st = es._esamp_status.stats(sync=True)
+    assert core.slots.resets == 2 and st["slots_in_use"] == 0 and st["live_requests"] == 0
+    assert st["requests_finished"] == 3 and st["requests_esamp"] == 3
+    assert st["trainer_rows_trained"] == st["rows_esamp"] + st["warmup_row_updates"]
+
+
+def test_v1_processed_logprobs_and_calls_outside_execute_model():
+    es = _v1_runner({"beta": 0.4, "log_interval_s": 0, "warmup_steps": 0}, logprobs_mode="processed_logprobs")
+    ref = _v1_runner(None, logprobs_mode="processed_logprobs")
+    new = [("a", SamplingParams(temperature=0.9, top_k=16, seed=1, logprobs=2), [1, 2, 3]),
+           ("b", SamplingParams(temperature=0.9, seed=2, logprobs=2), [4, 5, 6]),
+           ("p", SamplingParams(temperature=0.9, top_k=16, seed=3, logprobs=2, extra_args={"esamp": False}),
+            [7, 8, 9])]
+    core = es._esamp_status.core
+    seen = {}
+    orig = core.sample
+
+    def spy(step, l, want_mixed=False):
+        out = orig(step, l, want_mixed=want_mixed)
+        seen["mixed"], seen["tokens"] = out[1].clone(), out[0].clone()
+        return out
+
+    core.sample = spy
+    out, want = es.step(new), ref.step(new)
+    lt = out.logprobs_tensors
+    ids = es.input_batch.req_ids
+    e = [i for i, r in enumerate(ids) if r != "p"]
+    p = ids.index("p")
+    assert torch.equal(lt.logprob_token_ids[e, 0].long(), seen["tokens"])
+    lsm = torch.log_softmax(seen["mixed"], dim=-1)
+    torch.testing.assert_close(lt.logprobs[e, 0], lsm.gather(1, seen["tokens"].view(-1, 1)).view(-1),
+                               rtol=0, atol=1e-5)
+    assert tokens(out)[p] == tokens(want)[p]
+    torch.testing.assert_close(lt.logprobs[p], want.logprobs_tensors.logprobs[p], rtol=0, atol=0)
+    # "b" has no filter and processed logprobs: latent mixing is allowed (nothing needs its unmixed logits)
+    assert core.table.latent[core.key_of["b"]] and not core.table.latent[core.key_of["a"]]
+    # compute_logits outside execute_model (prompt logprobs, dummy runs) is vLLM's, untouched
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(es.model.compute_logits(h), torch.nn.functional.linear(h, es.model.lm_head.weight))
+    assert es._esamp_status.stats()["rows_esamp"] == 2
+
+
+def test_raw_logprobs_penalties_and_filters_keep_the_fused_path():
+    opts = _common.request_options
+    assert opts(SamplingParams(temperature=1.0, logprobs=1), "raw_logprobs").needs_raw_logits
+    assert not opts(SamplingParams(temperature=1.0, logprobs=1), "processed_logprobs").needs_raw_logits
+    assert opts(SamplingParams(temperature=1.0, presence_penalty=0.5), None).adjusts_logits
+    assert opts(SamplingParams(temperature=1.0, logit_bias={3: 1.0}), None).adjusts_logits
+    assert not opts(SamplingParams(temperature=1.0, bad_words=["x"]), None).adjusts_logits   # a mask
+    es = _v1_runner({"beta": 0.4, "log_interval_s": 0, "warmup_steps": 0})
+    core = es._esamp_status.core
+    es.step([("lat", SamplingParams(temperature=0.9, seed=1), [1, 2]),
+             ("lp", SamplingParams(temperature=0.9, seed=2, logprobs=1), [1, 2]),
+             ("pen", SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.2), [1, 2]),
+             ("mp", SamplingParams(temperature=0.9, seed=4, min_p=0.1), [1, 2])])
+    latent = {r: bool(core.table.latent[core.key_of[r]]) for r in ("lat", "lp", "pen", "mp")}
+    assert latent == {"lat": True, "lp": False, "pen": False, "mp": False}
+    off = _v1_runner({"beta": 0.4, "log_interval_s": 0, "warmup_steps": 0, "latent_mixing": False})
+    off.step([("lat", SamplingParams(temperature=0.9, seed=1), [1, 2])])
+    assert off._esamp_status.stats()["rows_latent"] == 0 and es._esamp_status.stats()["rows_latent"] == 1
+
+
+def test_latent_and_fused_paths_sample_the_same_distribution():
+    """SPEC 3: with no filter, latent mixing gives the mixed logits of the fused reweight without its dot
+    products: the processed logits (vLLM's processed_logits mode) agree to float rounding, and so do the tokens
+    drawn with the same seeds."""
+    outs = {}
+    for latent in (True, False):
+        h = Harness({"beta": 0.5, "log_interval_s": 0, "warmup_steps": 0, "latent_mixing": latent}, max_reqs=16,
+                    logprobs_mode="processed_logits")
+        ids = [f"r{i}" for i in range(12)]
+        for i, rid in enumerate(ids):
+            h.add(rid, SamplingParams(temperature=0.7 + 0.05 * i, seed=40 + i, logprobs=-1))
+        res = []
+        for s in range(3):
+            _, _, _, out, _ = h.step(ids, [6 + s] * 12, input_ids=np.arange(12) + 3 * s, reference=False)
+            res.append((tokens(out).clone(), out.logprobs_tensors.logprobs.clone()))
+        outs[latent] = (res, h.rt.counters["rows_latent"])
+    assert outs[True][1] == 36 and outs[False][1] == 0
+    for (t1, l1), (t2, l2) in zip(outs[True][0], outs[False][0]):
+        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+        assert (t1 == t2).float().mean() >= 0.9
+
+
+# ------------------------------------------------------------------------------------------------------------
+# When ESamp cannot attach: the worker says so, the front end rejects requests asking for it
+# ------------------------------------------------------------------------------------------------------------
+def test_unknown_runner_is_reported_inactive(caplog):
+    plugin.register()
+
+    class OtherRunner:
+        pass
+
+    worker = SimpleNamespace(vllm_config=ns_config(32, 4, 16, {"beta": 0.3}), model_runner=OtherRunner())
+    with caplog.at_level("WARNING", logger="vllm.esamp"):
+        plugin._check_worker(worker)
+    st = worker_base_mod.WorkerBase.esamp_stats(worker)
+    assert st["active"] is False and "OtherRunner" in st["inactive_reason"] and st["fallback"] is False
+    assert sum("INACTIVE in this worker" in r.message for r in caplog.records) == 1
+    plugin._check_worker(worker)   # once per worker
+    assert sum("INACTIVE in this worker" in r.message for r in caplog.records) == 1
+    off = SimpleNamespace(vllm_config=ns_config(32, 4, 16, None), model_runner=OtherRunner())
+    plugin._check_worker(off)
+    assert worker_base_mod.WorkerBase.esamp_stats(off) == {}
+
+
+def test_front_end_rejects_esamp_requests_when_inactive_unless_fallback():
+    from esamp.integrations.vllm import _frontend
+
+    class FakeEngine:
+        def __init__(self, esamp_cfg, answers):
+            self.vllm_config = ns_config(32, 4, 16, esamp_cfg)
+            self.answers, self.rpcs, self.added = answers, 0, []
+
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            assert method == "esamp_stats" and kwargs == {"sync": False}
+            self.rpcs += 1
+            return self.answers
+
+        def add_request(self, request_id, prompt, params, **kw):
+            self.added.append(request_id)
+
+    FakeEngine.add_request = _frontend.wrap_add_request(FakeEngine.add_request)
+    inactive = [{"active": False, "inactive_reason": "capture_layer 9 is out of range", "fallback": False}]
+    eng = FakeEngine({"beta": 0.3}, inactive)
+    with pytest.raises(VLLMValidationError, match="ESamp was requested but is inactive on this engine: "
+                                                  "capture_layer 9 is out of range"):
+        eng.add_request("r1", "p", SamplingParams(temperature=0.9))
+    eng.add_request("r2", "p", SamplingParams(temperature=0.9, extra_args={"esamp": False}))   # opted out
+    eng.add_request("r3", "p", params=SamplingParams(temperature=0.0))                          # greedy
+    with pytest.raises(VLLMValidationError):
+        eng.add_request("r4", "p", SamplingParams(temperature=0.9, extra_args={"esamp_beta": 0.2}))
+    assert eng.added == ["r2", "r3"] and eng.rpcs == 1          # the workers are asked once
+    fb = FakeEngine({"beta": 0.3, "fallback": True}, inactive)
+    fb.add_request("r1", "p", SamplingParams(temperature=0.9))
+    ok = FakeEngine({"beta": 0.3}, [{"active": True, "rows_esamp": 0}])
+    ok.add_request("r1", "p", SamplingParams(temperature=0.9))
+    assert fb.added == ["r1"] and ok.added == ["r1"]
+    none = FakeEngine({"beta": 0.3}, [{}])                       # plugin missing in the workers
+    with pytest.raises(VLLMValidationError, match="did not start in its workers"):
+        none.add_request("r1", "p", SamplingParams(temperature=0.9))
+    disabled = FakeEngine(None, inactive)
+    disabled.add_request("r1", "p", SamplingParams(temperature=0.9))
+    assert disabled.rpcs == 0 and disabled.added == ["r1"]
+    with pytest.raises(_config.ConfigError, match="esamp.fallback: expected a boolean"):
+        _config.resolve_engine_config({"esamp": {"fallback": "sometimes"}}, {})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The engine-independent core with plain tensors
+# ------------------------------------------------------------------------------------------------------------
+def test_core_table_grows_and_keys_are_reused():
+    from esamp.integrations._core.runtime import ESampCore, RequestOptions
+    model = TinyLM()
+    core = ESampCore(_config.EngineConfig(slots=12, log_interval_s=0, warmup_steps=0), decoder=model.model,
+                     lm_head_weight=model.lm_head.weight, hidden_size=32, dtype=torch.float32, device="cpu",
+                     max_num_reqs=2, max_num_tokens=16, vocab_size=64)
+    assert core.table.capacity == 8
+    for i in range(13):                                   # more live requests than the table's first capacity
+        core.add_request(f"q{i}", RequestOptions(temperature=1.0, seed=i))
+    assert core.table.capacity == 16 and len(core.key_of) == 12 and core.counters["requests_no_slot"] == 1
+    assert len(set(core.key_of.values())) == 12 and core.table.seed[core.key_of["q5"]] == 5
+    k = core.key_of["q1"]
+    core.remove_request("q1")
+    core.add_request("again", RequestOptions(temperature=1.0))
+    assert core.key_of["again"] == k and core.table.seed[k] >= 0    # unseeded: a random seed is drawn
+    assert core.keys_for(["again", None, "nope"]).tolist() == [k, -1, -1]
+    # a step with numpy indices: no ESamp row -> the LM-head input is returned as is
+    h = torch.randn(3, 32)
+    assert core.begin_step(np.array([-1, -1, -1]), h, np.arange(3), np.arange(3)) is h and core.step is None

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs vLLM 0.33.0 into the ACTIVE Python environment for esamp's vLLM integration tests.
+# Installs vLLM 0.33.0 into the ACTIVE Python environment for esamp's class-level vLLM integration tests
+# (tests/test_vllm.py).  The real running engine of tests/engine lives in its own venv: tools/install_vllm_cpu.sh.
 #
 # vLLM pins torch 2.14.0 (we run 2.14.1) and pulls in GPU-only wheels, so it is installed with --no-deps,
 # followed by the pure-Python (or plain-wheel) requirements its Python modules need to IMPORT on a CPU
@@ -19,6 +20,8 @@ import importlib.metadata as md, sys
 assert md.version('vllm') == '${VLLM_VERSION}', md.version('vllm')
 import vllm.sampling_params, vllm.v1.sample.sampler, vllm.v1.sample.metadata, vllm.plugins
 import vllm.model_executor.models.llama, vllm.v1.worker.gpu_model_runner, vllm.v1.request
+import vllm.v1.worker.cpu_model_runner, vllm.v1.worker.worker_base, vllm.v1.worker.gpu_input_batch
+import vllm.v1.engine.llm_engine, vllm.v1.engine.async_llm
 "
 quiet_check() { "$PY" -c "$CHECK" >/dev/null 2>&1; }
 

@@ -29,14 +29,16 @@ import threading
 import uuid
 from typing import Any, Dict, List
 
+from .._core.hooks import PostImportHooks, wrap
 from ._config import (BACKEND, ENV_CONFIG, ENV_ENABLE, GROUP_KEY, INDEX_KEY, ConfigError, EngineConfig,  # noqa: F401
                       RequestConfig, request_config, resolve_engine_config, validate_custom_params)
-from ._hooks import when_imported, wrap
 
 __all__ = ["register", "configure", "get_stats", "EngineConfig", "RequestConfig", "ConfigError",
            "resolve_engine_config", "request_config", "validate_custom_params", "BACKEND"]
 
 logger = logging.getLogger("sglang.esamp")
+_hooks = PostImportHooks(logger)      # post-import hooks (esamp.integrations._core.hooks)
+when_imported = _hooks.when_imported
 _lock = threading.Lock()
 _registered = False
 _RUNTIME_MODULE = __name__ + "._runtime"

@@ -2,34 +2,28 @@
 (``SamplingParams.custom_params``).
 
 Pure Python: no SGLang or torch import, so the plugin's entry point stays cheap in every process.
-(The vLLM adapter keeps an equivalent module, esamp.integrations.vllm._config; the key names and validation rules
-are the same where the engines allow it.)
+ConfigError and the value checks are the adapters' common ones (esamp.integrations._core.config); the key
+names and validation rules are those of the vLLM adapter where the engines allow it.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
+
+from .._core.config import _FALSE, _TRUE, ConfigError, _as_bool, _as_float, _as_int  # noqa: F401
 
 BACKEND = "esamp"                      # --sampling-backend esamp
 ENV_ENABLE = "ESAMP_SGLANG"            # "0"/"false"/"off" forces ESamp off even with --sampling-backend esamp
 ENV_CONFIG = "ESAMP_SGLANG_CONFIG"     # JSON object with the keys of EngineConfig
 BASE_BACKENDS = ("pytorch", "flashinfer")
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
 # custom_params keys (nested form {"esamp": {...}} and flat forms)
 REQUEST_KEYS = ("enabled", "beta", "warmup_steps", "seed")
 FLAT_KEYS = ("esamp_beta", "esamp_warmup_steps", "esamp_seed")
 GROUP_KEY = "esamp_group"      # requests with the same value share one distiller slot (set for n > 1 automatically)
 INDEX_KEY = "esamp_index"      # sample index inside the group (seed offset), set for n > 1 automatically
-
-
-class ConfigError(ValueError):
-    """A bad engine or request configuration (names the key, the expectation and the value given)."""
 
 
 @dataclass
@@ -66,33 +60,6 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _as_bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
-        return v.strip().lower() in _TRUE
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    raise ConfigError(f"esamp.{key}: expected a boolean, got {v!r}")
-
-
-def _as_float(key: str, v: Any, *, lo: Optional[float] = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"esamp.{key}: expected a number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)):
-        bound = f"{'>' if lo_open else '>='} {lo}" if lo is not None else "finite"
-        raise ConfigError(f"esamp.{key}: expected a finite number {bound}, got {v!r}")
-    return f
-
-
-def _as_int(key: str, v: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"esamp.{key}: expected an int {rng}, got {v!r}")
-    return int(v)
 
 
 def _check_engine(cfg: EngineConfig) -> EngineConfig:

@@ -34,7 +34,7 @@ import esamp
 
 from ._capture import find_decoder, install_input_capture, install_output_capture, layer_takes_capture
 from ._config import ConfigError, EngineConfig, RequestConfig, request_config
-from ._slots import SlotManager
+from .._core.slots import SlotManager
 
 logger = logging.getLogger("sglang.esamp")
 

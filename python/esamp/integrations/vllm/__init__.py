@@ -1,12 +1,13 @@
-"""ESamp as a vLLM general plugin (vLLM 0.33, Model Runner V2).
+"""ESamp as a vLLM general plugin: vLLM 0.32 / 0.33, the V1 model runner family (``GPUModelRunner`` and the CPU
+runner) and Model Runner V2.
 
 Entry point (group ``vllm.general_plugins``): ``esamp = "esamp.integrations.vllm:register"``.
 
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers).  It is cheap and
 harmless: it imports no torch extension and no model-runner code, validates the ``esamp`` keys of
-``SamplingParams.extra_args`` (so a bad value is a 400 at the API, not a worker crash) and arranges, through an
-import hook, that when vLLM's Model Runner V2 resolves its model-state class the class is wrapped -- but only
-if ESamp is enabled for that engine:
+``SamplingParams.extra_args`` (so a bad value is a 400 at the API, not a worker crash) and arranges, through
+import hooks, that ESamp attaches where vLLM builds its model runner -- but only if ESamp is enabled for that
+engine:
 
 * ``ESAMP_VLLM=1`` (defaults), or ``ESAMP_VLLM_CONFIG='{"beta": 0.3, ...}'``, or
 * ``additional_config={"esamp": {...}}`` / ``--additional-config '{"esamp": {...}}'``.
@@ -14,16 +15,21 @@ if ESamp is enabled for that engine:
 ``ESAMP_VLLM=0`` forces it off.  Per request: ``SamplingParams(extra_args={"esamp": {"beta": 0.5}})``,
 ``{"esamp": False}`` to opt out (``{"esamp": True}`` to opt in when ``default_on`` is false).
 
+Where ESamp is enabled but cannot attach (an unknown runner, an unsupported configuration), every worker says so
+once (a warning with the reason), ``esamp_stats`` reports it, and requests that ask for ESamp are rejected at the
+front end with an error naming the reason -- unless the engine config says ``"fallback": true``.
+
 See docs/vllm.md.
 """
 from __future__ import annotations
 
-import importlib.abc
+import functools
 import logging
 import sys
 import threading
 from typing import Any, Callable, Dict, List
 
+from .._core.hooks import PostImportHooks
 from ._config import (ENV_CONFIG, ENV_ENABLE, ConfigError, EngineConfig, RequestConfig,  # noqa: F401
                       request_config, resolve_engine_config, validate_extra_args)
 
@@ -34,78 +40,82 @@ logger = logging.getLogger("vllm.esamp")
 
 MODEL_STATES_MODULE = "vllm.v1.worker.gpu.model_states"
 V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+WORKER_BASE_MODULE = "vllm.v1.worker.worker_base"
+LLM_ENGINE_MODULE = "vllm.v1.engine.llm_engine"
+ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 
 _lock = threading.Lock()
 _registered = False
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Post-import hooks: run a callback right after a module has executed, without importing it ourselves.
-# ---------------------------------------------------------------------------------------------------------
-class _HookedLoader(importlib.abc.Loader):
-    def __init__(self, loader, callbacks: List[Callable[[Any], None]]):
-        self._loader = loader
-        self._callbacks = callbacks
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        for cb in self._callbacks:
-            _run_callback(cb, module)
-
-    def __getattr__(self, name):  # get_source, get_filename, is_package, ... of the real loader
-        return getattr(self._loader, name)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    def __init__(self):
-        self.pending: Dict[str, List[Callable[[Any], None]]] = {}
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in self.pending:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _HookedLoader(spec.loader, self.pending.pop(fullname))
-        return spec
-
-
-_finder = _PostImportFinder()
-
-
-def _run_callback(cb, module) -> None:
-    try:
-        cb(module)
-    except ConfigError:
-        raise
-    except Exception:  # a broken hook must never break vLLM's import
-        logger.exception("esamp: post-import hook %s for %s failed", getattr(cb, "__name__", cb), module.__name__)
-
-
-def when_imported(name: str, callback: Callable[[Any], None]) -> None:
-    """Calls ``callback(module)`` now if ``name`` is imported, else right after it is."""
-    mod = sys.modules.get(name)
-    if mod is not None:
-        _run_callback(callback, mod)
-        return
-    _finder.pending.setdefault(name, []).append(callback)
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+# Post-import hooks (esamp.integrations._core.hooks): a ConfigError raised by a patch propagates (a bad setting is
+# the user's error, not a broken hook); any other exception is logged and never breaks vLLM's import.
+_hooks = PostImportHooks(logger, reraise=(ConfigError,))
+_finder = _hooks.finder
+_run_callback = _hooks.run_callback
+when_imported = _hooks.when_imported
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Patches
 # ---------------------------------------------------------------------------------------------------------
+def _after(method: Callable, after: Callable[[Any], None]) -> Callable:
+    """``method`` followed by ``after(self)`` (exceptions of ``after`` other than ConfigError are logged)."""
+    if getattr(method, "_esamp_wrapped", False):
+        return method
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        try:
+            after(self)
+        except ConfigError:
+            raise
+        except Exception:  # never break vLLM
+            logger.exception("esamp: %s after %s.%s failed", getattr(after, "__name__", after),
+                             type(self).__name__, method.__name__)
+        return out
+
+    wrapper._esamp_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _after_in_class_tree(base: type, name: str, after: Callable[[Any], None]) -> None:
+    """Wraps ``name`` of ``base`` and of every subclass that defines its own (those already defined, and through
+    ``__init_subclass__`` those defined later): vLLM's CPU runner overrides ``load_model`` without calling the
+    base class's, so wrapping the base alone would miss it.  ``after`` must be idempotent (an override that calls
+    super() runs it twice)."""
+    def patch(cls: type) -> None:
+        f = cls.__dict__.get(name)
+        if callable(f) and not getattr(f, "_esamp_wrapped", False):
+            setattr(cls, name, _after(f, after))
+
+    stack, seen = [base], set()
+    while stack:
+        c = stack.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        patch(c)
+        stack.extend(c.__subclasses__())
+    if base.__dict__.get("_esamp_subclass_hooks") is not None:
+        base._esamp_subclass_hooks.append(patch)  # type: ignore[attr-defined]
+        return
+    hooks = [patch]
+    prev = base.__dict__.get("__init_subclass__")
+
+    def __init_subclass__(cls, **kwargs):
+        if prev is not None:
+            prev.__func__(cls, **kwargs)
+        else:
+            super(base, cls).__init_subclass__(**kwargs)
+        for h in hooks:
+            h(cls)
+
+    base._esamp_subclass_hooks = hooks  # type: ignore[attr-defined]
+    base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
+
+
 def _patch_model_states(module) -> None:
     orig = module.resolve_model_state_cls
     if getattr(orig, "_esamp_wrapped", False):
@@ -115,7 +125,7 @@ def _patch_model_states(module) -> None:
         cls = orig(vllm_config, model)
         if resolve_engine_config(vllm_config.additional_config) is None:
             return cls
-        from ._runtime import esamp_model_state_cls
+        from ._v2 import esamp_model_state_cls
         return esamp_model_state_cls(cls)
 
     resolve_model_state_cls._esamp_wrapped = True  # type: ignore[attr-defined]
@@ -123,25 +133,65 @@ def _patch_model_states(module) -> None:
     module.resolve_model_state_cls = resolve_model_state_cls
 
 
+def _attach_v1(runner) -> None:
+    if resolve_engine_config(getattr(getattr(runner, "vllm_config", None), "additional_config", None)) is None:
+        return
+    from ._v1 import attach
+    attach(runner)
+
+
 def _patch_v1_runner(module) -> None:
     runner = getattr(module, "GPUModelRunner", None)
-    if runner is None or getattr(runner.load_model, "_esamp_wrapped", False):
+    if runner is not None:
+        _after_in_class_tree(runner, "load_model", _attach_v1)
+
+
+def _check_worker(worker) -> None:
+    """After a worker loaded its model: ESamp enabled, but no adapter recorded a status -> an unknown runner."""
+    cfg = resolve_engine_config(getattr(getattr(worker, "vllm_config", None), "additional_config", None))
+    if cfg is None:
         return
-    orig = runner.load_model
+    from ._common import mark_inactive, status_of
+    if status_of(worker) is not None:
+        return
+    runner = getattr(worker, "model_runner", None)
+    mark_inactive(runner if runner is not None else worker, cfg,
+                  f"the model runner {type(runner).__name__} ({type(runner).__module__}) is not one ESamp attaches "
+                  f"to (supported: vLLM's V1 GPUModelRunner and its subclasses, and Model Runner V2)",
+                  type(runner).__name__)
 
-    def load_model(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        try:
-            on = resolve_engine_config(self.vllm_config.additional_config) is not None
-        except ConfigError:
-            on = True
-        if on:
-            logger.warning("ESamp is enabled but inactive: this engine runs the V1 model runner; ESamp supports "
-                           "Model Runner V2 (vLLM's default; unset VLLM_USE_V2_MODEL_RUNNER=0).")
-        return out
 
-    load_model._esamp_wrapped = True  # type: ignore[attr-defined]
-    runner.load_model = load_model
+def _esamp_stats(self, sync: bool = True) -> Dict[str, Any]:
+    """Worker RPC (``collective_rpc("esamp_stats")``): this worker's ESamp counters; {"active": False, ...} with
+    the reason where ESamp is enabled but could not attach; {} where it is not enabled."""
+    from ._common import status_of
+    st = status_of(self)
+    return st.stats(sync=bool(sync)) if st is not None else {}
+
+
+def _patch_worker_base(module) -> None:
+    base = getattr(module, "WorkerBase", None)
+    if base is None:
+        return
+    if not hasattr(base, "esamp_stats"):
+        base.esamp_stats = _esamp_stats
+    _after_in_class_tree(base, "load_model", _check_worker)
+
+
+def _patch_llm_engine(module) -> None:
+    cls = getattr(module, "LLMEngine", None)
+    if cls is None or getattr(cls.add_request, "_esamp_wrapped", False):
+        return
+    from ._frontend import wrap_add_request
+    cls.add_request = wrap_add_request(cls.add_request)
+
+
+def _patch_async_llm(module) -> None:
+    cls = getattr(module, "AsyncLLM", None)
+    if cls is None or getattr(cls.add_request, "_esamp_wrapped", False):
+        return
+    from ._frontend import wrap_add_request_async
+    cls.add_request = wrap_add_request_async(cls.add_request)
 
 
 def _patch_sampling_params(module) -> None:
@@ -176,25 +226,28 @@ def register() -> None:
     when_imported("vllm.sampling_params", _patch_sampling_params)
     when_imported(MODEL_STATES_MODULE, _patch_model_states)
     when_imported(V1_RUNNER_MODULE, _patch_v1_runner)
+    when_imported(WORKER_BASE_MODULE, _patch_worker_base)
+    when_imported(LLM_ENGINE_MODULE, _patch_llm_engine)
+    when_imported(ASYNC_LLM_MODULE, _patch_async_llm)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Counters
 # ---------------------------------------------------------------------------------------------------------
-def get_stats() -> List[Dict[str, Any]]:
+def get_stats(sync: bool = True) -> List[Dict[str, Any]]:
     """Counters of every ESamp runtime in THIS process (one per model runner; empty when none).
 
-    With vLLM's default multiprocessing the runners live in worker processes: use :func:`worker_stats`
-    through ``llm.collective_rpc(worker_stats)`` instead, or read the periodic "ESamp:" log lines.
+    With vLLM's default multiprocessing the runners live in worker processes: use
+    ``llm.collective_rpc("esamp_stats")`` instead, or read the periodic "ESamp:" log lines.
     """
-    if "esamp.integrations.vllm._runtime" not in sys.modules:
+    if "esamp.integrations._core.runtime" not in sys.modules:
         return []
-    from ._runtime import runtimes
-    return [rt.stats() for rt in runtimes()]
+    from .._core.runtime import runtimes
+    return [rt.stats(sync=sync) for rt in runtimes()]
 
 
-def worker_stats(worker: Any = None) -> Dict[str, Any]:
-    """For ``llm.collective_rpc(worker_stats)``: the counters of that worker's runtime ({} when inactive)."""
-    state = getattr(getattr(worker, "model_runner", None), "model_state", None)
-    rt = getattr(state, "esamp", None)
-    return rt.stats() if rt is not None else {}
+def worker_stats(worker: Any = None, sync: bool = True) -> Dict[str, Any]:
+    """For ``llm.collective_rpc(worker_stats)`` (a callable RPC; multiprocess engines need
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 for it, the string RPC ``"esamp_stats"`` does not): the counters of that
+    worker's ESamp ({"active": False, "inactive_reason": ...} where it could not attach; {} when not enabled)."""
+    return _esamp_stats(worker, sync)

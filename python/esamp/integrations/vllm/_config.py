@@ -1,119 +1,20 @@
-"""Configuration of the vLLM plugin (engine-wide) and of one request (``SamplingParams.extra_args``).
+"""Where the vLLM plugin's settings come from: ``additional_config={"esamp": {...}}`` and the environment.
 
-Pure Python: no vLLM or torch import, so the plugin's entry point stays cheap in every process.
+The settings themselves (``EngineConfig``, ``RequestConfig`` and their checks) are engine-independent and live in
+:mod:`esamp.integrations._core.config`; they are re-exported here.  Pure Python: no vLLM or torch import.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
+
+from .._core.config import (_FALSE, _TRUE, ConfigError, EngineConfig, RequestConfig,  # noqa: F401
+                            check_engine_config, merge_engine_settings, request_config, validate_extra_args)
 
 ENV_ENABLE = "ESAMP_VLLM"          # "1"/"true"/"on" enables with defaults, "0"/"false"/"off" forces off
 ENV_CONFIG = "ESAMP_VLLM_CONFIG"   # JSON object with the keys of EngineConfig (implies enabled unless it says otherwise)
 ADDITIONAL_CONFIG_KEY = "esamp"    # vllm additional_config={"esamp": {...}}
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-class ConfigError(ValueError):
-    """A bad plugin or request configuration (names the key, the expectation and the value given)."""
-
-
-@dataclass
-class EngineConfig:
-    """Engine-wide settings.  Every key may be given in ``additional_config={"esamp": {...}}`` or in the JSON
-    of ``ESAMP_VLLM_CONFIG``; the former wins key by key."""
-    enabled: bool = True
-    beta: float = 0.25              # default beta for requests that do not set one
-    default_on: bool = True         # requests without extra_args["esamp"] use ESamp (random sampling rows only)
-    mode: str = "per_prompt"        # "per_prompt": one distiller slot per request group; "shared": one slot
-    slots: int = 0                  # 0: max_num_seqs for per_prompt, 1 for shared
-    rank: int = 0                   # 0: 64 per_prompt, 384 shared (SPEC 2)
-    layers: int = 2
-    lr: float = 4e-4
-    adam_eps: float = 1e-4
-    clip: float = 0.5
-    seed: int = 0
-    capture_layer: int = 0          # index of the decoder layer whose output residual stream is the source x
-    ring_rows: int = 0              # trainer ring buffer rows; 0: max_num_seqs (at least 64), and at least the
-                                    # warm-start row cap when warm start is on
-    warmup_steps: int = 30          # warm start (SPEC 2): optimizer steps on the prompt's (x, t) pairs before a
-                                    # request group's first sampled token; 0 disables (and installs no capture)
-    warmup_max_rows: int = 1024     # prompt positions per warm start, the last ones (bounds the trainer ring)
-    log_interval_s: float = 10.0    # periodic counter log; 0 disables
-
-    def resolved_slots(self, max_num_seqs: int) -> int:
-        if self.mode == "shared":
-            return 1
-        return self.slots if self.slots > 0 else max(1, int(max_num_seqs))
-
-    def resolved_rank(self) -> int:
-        if self.rank > 0:
-            return self.rank
-        return 384 if self.mode == "shared" else 64
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _as_bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
-        return v.strip().lower() in _TRUE
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    raise ConfigError(f"esamp.{key}: expected a boolean, got {v!r}")
-
-
-def _as_float(key: str, v: Any, *, lo: Optional[float] = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"esamp.{key}: expected a number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)):
-        bound = f"{'>' if lo_open else '>='} {lo}" if lo is not None else "finite"
-        raise ConfigError(f"esamp.{key}: expected a finite number {bound}, got {v!r}")
-    return f
-
-
-def _as_int(key: str, v: Any, *, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"esamp.{key}: expected an int >= {lo}, got {v!r}")
-    return int(v)
-
-
-def _check_engine(cfg: EngineConfig) -> EngineConfig:
-    cfg.enabled = _as_bool("enabled", cfg.enabled)
-    cfg.default_on = _as_bool("default_on", cfg.default_on)
-    cfg.beta = _as_float("beta", cfg.beta, lo=0.0)
-    if cfg.mode not in ("per_prompt", "shared"):
-        raise ConfigError(f"esamp.mode: expected 'per_prompt' or 'shared', got {cfg.mode!r}")
-    cfg.slots = _as_int("slots", cfg.slots, lo=0)
-    cfg.rank = _as_int("rank", cfg.rank, lo=0)
-    cfg.layers = _as_int("layers", cfg.layers, lo=1)
-    cfg.lr = _as_float("lr", cfg.lr, lo=0.0, lo_open=True)
-    cfg.adam_eps = _as_float("adam_eps", cfg.adam_eps, lo=0.0, lo_open=True)
-    cfg.clip = _as_float("clip", cfg.clip, lo=0.0, lo_open=True)
-    cfg.seed = _as_int("seed", cfg.seed, lo=0)
-    cfg.capture_layer = _as_int("capture_layer", cfg.capture_layer, lo=0)
-    cfg.ring_rows = _as_int("ring_rows", cfg.ring_rows, lo=0)
-    cfg.warmup_steps = _as_int("warmup_steps", cfg.warmup_steps, lo=0)
-    cfg.warmup_max_rows = _as_int("warmup_max_rows", cfg.warmup_max_rows, lo=1)
-    cfg.log_interval_s = _as_float("log_interval_s", cfg.log_interval_s, lo=0.0)
-    return cfg
-
-
-def _merge(dst: dict, src: Any, origin: str) -> None:
-    if not isinstance(src, Mapping):
-        raise ConfigError(f"{origin}: expected a JSON object / dict of ESamp settings, got {src!r}")
-    known = {f.name for f in fields(EngineConfig)}
-    for k, v in src.items():
-        if k not in known:
-            raise ConfigError(f"{origin}: unknown key {k!r} (known: {', '.join(sorted(known))})")
-        dst[k] = v
 
 
 def resolve_engine_config(additional_config: Any = None, environ: Optional[Mapping[str, str]] = None
@@ -136,7 +37,7 @@ def resolve_engine_config(additional_config: Any = None, environ: Optional[Mappi
             parsed = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{ENV_CONFIG}: expected a JSON object, got {raw!r} ({e})") from None
-        _merge(merged, parsed, ENV_CONFIG)
+        merge_engine_settings(merged, parsed, ENV_CONFIG)
         on = True
     section = None
     if isinstance(additional_config, Mapping):
@@ -144,69 +45,9 @@ def resolve_engine_config(additional_config: Any = None, environ: Optional[Mappi
     if section is not None:
         if isinstance(section, bool):
             section = {"enabled": section}
-        _merge(merged, section, f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]")
+        merge_engine_settings(merged, section, f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]")
         on = True
     if not on or forced_off:
         return None
-    cfg = _check_engine(EngineConfig(**merged))
+    cfg = check_engine_config(EngineConfig(**merged))
     return cfg if cfg.enabled else None
-
-
-@dataclass(frozen=True)
-class RequestConfig:
-    enabled: bool
-    beta: float
-    warmup_steps: Optional[int] = None   # None: the engine's warmup_steps
-
-
-def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
-    """Per-request settings from ``SamplingParams.extra_args``.
-
-    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"/"true"/"false", as the OpenAI server's
-    ``vllm_xargs`` cannot carry booleans), ``{"esamp": {"enabled": bool, "beta": float}}`` and the flat
-    ``{"esamp_beta": float}``.  A request that sets a beta without "enabled" opts in even when default_on
-    is false.  Raises ConfigError on bad values (the plugin validates this at SamplingParams construction,
-    so the engine never sees them).
-    """
-    enabled, beta, warmup = engine.default_on, engine.beta, None
-    if not extra_args:
-        return RequestConfig(enabled, beta)
-    if not isinstance(extra_args, Mapping):
-        return RequestConfig(enabled, beta)
-    v = extra_args.get("esamp")
-    if v is not None:
-        if isinstance(v, (bool, int, str)):  # the OpenAI server's vllm_xargs carries no bools: 0/1, "on"/"off"
-            try:
-                enabled = _as_bool("esamp", v)
-            except ConfigError:
-                raise ConfigError(f"extra_args['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
-                                  f"'enabled'/'beta'/'warmup_steps', got {v!r}") from None
-        elif isinstance(v, Mapping):
-            unknown = set(v) - {"enabled", "beta", "warmup_steps"}
-            if unknown:
-                raise ConfigError(f"extra_args['esamp']: unknown key(s) {sorted(unknown)} "
-                                  f"(known: 'beta', 'enabled', 'warmup_steps')")
-            if "warmup_steps" in v:
-                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
-            if "beta" in v:
-                beta = _as_float("beta", v["beta"], lo=0.0)
-                enabled = True
-            if "enabled" in v:
-                enabled = _as_bool("enabled", v["enabled"])
-        else:
-            raise ConfigError(f"extra_args['esamp']: expected a bool or a dict with 'enabled'/'beta'/'warmup_steps', "
-                              f"got {v!r}")
-    if "esamp_beta" in extra_args:
-        beta = _as_float("esamp_beta", extra_args["esamp_beta"], lo=0.0)
-        if v is None:
-            enabled = True
-    if "esamp_warmup_steps" in extra_args:
-        warmup = _as_int("esamp_warmup_steps", extra_args["esamp_warmup_steps"], lo=0)
-    return RequestConfig(bool(enabled), float(beta), warmup)
-
-
-def validate_extra_args(extra_args: Optional[Mapping[str, Any]]) -> None:
-    """Raises ConfigError if the ESamp keys of extra_args are malformed (engine defaults do not matter)."""
-    keys = ("esamp", "esamp_beta", "esamp_warmup_steps")
-    if extra_args and isinstance(extra_args, Mapping) and any(k in extra_args for k in keys):
-        request_config(extra_args, EngineConfig())

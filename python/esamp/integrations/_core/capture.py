@@ -1,4 +1,5 @@
-"""Capture points inside a vLLM model.
+"""Capture points inside a decoder model (engine-independent; the layout is the one vLLM's and SGLang's text models
+share: a ``layers`` ModuleList beside ``start_layer``, layers returning ``(hidden, residual)``).
 
 * Layer-0 residual stream: the decoder layer's class is swapped for a subclass whose forward calls the
   original forward and then ``torch.ops.esamp.capture(hidden, residual, buffer)`` (buffer[:N] =
@@ -11,12 +12,11 @@
   "first" mode: ``torch.ops.esamp.capture(out, None, buffer)`` on its output (the first element when it returns
   ``(normed, residual)``, as vLLM's fused add-norm does).  That output is the model's hidden states, of which
   the runner hands ``hidden_states[logits_indices]`` to ``compute_logits``.
-* LM-head input of the logit rows: ``model.compute_logits`` is wrapped on the instance to remember its last input
-  together with a weak reference to the logits it returned; the sampler takes the record only for those very logits.
+* LM-head input of the logit rows: :class:`ComputeLogitsHook` wraps ``model.compute_logits`` on the instance (it
+  runs eagerly, outside compiled graphs and CUDA graphs, in every engine this adapter knows).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Dict, Optional
 
 import torch
@@ -94,42 +94,32 @@ def find_decoder(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-class LMHeadInputRecorder:
-    """Wraps ``model.compute_logits`` on the instance and remembers (its input, a weak reference to its
-    output).  ``take(logits)`` returns the input only for the very logits tensor the sampler was handed:
-    vLLM's runner computes the logits and passes that same tensor to the sampler (grammar masks are applied
-    in place), while prompt-logprob and other compute_logits calls produce other tensors and are ignored."""
+def final_norm_unsupported_reason(decoder: nn.Module) -> Optional[str]:
+    """Why the LM-head input of every token cannot be captured at ``decoder.norm`` (None when it can)."""
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, nn.Module):
+        return "the decoder has no final 'norm' module"
+    if type(norm).__name__ == "PPMissingLayer" or type(norm).forward is nn.Module.forward:
+        return f"the decoder's final norm ({type(norm).__name__}) has no forward of its own"
+    return None
 
-    def __init__(self, model: nn.Module):
+
+class ComputeLogitsHook:
+    """Wraps ``model.compute_logits`` on the instance: ``hook(orig, hidden_states, *args, **kwargs)`` is called
+    instead of it and must return the logits (calling ``orig`` itself).  ``remove()`` restores the original."""
+
+    def __init__(self, model: nn.Module, hook: Callable[..., torch.Tensor]):
         self._model = model
-        self._orig: Callable = model.compute_logits
-        self._last: Optional[torch.Tensor] = None
-        self._last_out: Optional[weakref.ref] = None
+        orig = model.compute_logits
         self.calls = 0
-        orig = self._orig
 
         def compute_logits(hidden_states, *args, **kwargs):
-            logits = orig(hidden_states, *args, **kwargs)
-            if isinstance(logits, torch.Tensor):
-                self._last, self._last_out = hidden_states, weakref.ref(logits)
             self.calls += 1
-            return logits
+            return hook(orig, hidden_states, *args, **kwargs)
 
-        compute_logits._esamp_recorder = self  # type: ignore[attr-defined]
+        compute_logits._esamp_hook = self  # type: ignore[attr-defined]
         model.compute_logits = compute_logits
 
-    def take(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
-        last, ref = self._last, self._last_out
-        if ref is None or ref() is not logits:
-            return None
-        self._last, self._last_out = None, None
-        if last.dim() != 2 or last.shape[0] != logits.shape[0]:
-            return None
-        return last
-
-    def clear(self) -> None:
-        self._last, self._last_out = None, None
-
     def remove(self) -> None:
-        if getattr(self._model.__dict__.get("compute_logits"), "_esamp_recorder", None) is self:
+        if getattr(self._model.__dict__.get("compute_logits"), "_esamp_hook", None) is self:
             del self._model.__dict__["compute_logits"]

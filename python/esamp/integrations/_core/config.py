@@ -1,0 +1,186 @@
+"""ESamp settings of one engine (``EngineConfig``) and of one request (``RequestConfig``, from the request's
+``extra_args``), shared by every engine adapter.
+
+Pure Python: no engine or torch import, so an engine plugin's entry point stays cheap in every process.  Where
+the settings come from (vLLM's ``additional_config`` and environment variables, ...) is the adapter's business
+(``esamp.integrations.vllm._config``); this module only checks and merges them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A bad plugin or request configuration (names the key, the expectation and the value given)."""
+
+
+@dataclass
+class EngineConfig:
+    """Engine-wide settings (for vLLM: ``additional_config={"esamp": {...}}`` or the JSON of
+    ``ESAMP_VLLM_CONFIG``, the former winning key by key)."""
+    enabled: bool = True
+    beta: float = 0.25              # default beta for requests that do not set one
+    default_on: bool = True         # requests without extra_args["esamp"] use ESamp (random sampling rows only)
+    mode: str = "per_prompt"        # "per_prompt": one distiller slot per request group; "shared": one slot
+    slots: int = 0                  # 0: max_num_seqs for per_prompt, 1 for shared
+    rank: int = 0                   # 0: 64 per_prompt, 384 shared (SPEC 2)
+    layers: int = 2
+    lr: float = 4e-4
+    adam_eps: float = 1e-4
+    clip: float = 0.5
+    seed: int = 0
+    capture_layer: int = 0          # index of the decoder layer whose output residual stream is the source x
+    ring_rows: int = 0              # trainer ring buffer rows; 0: max_num_seqs (at least 64), and at least the
+                                    # warm-start row cap when warm start is on
+    warmup_steps: int = 30          # warm start (SPEC 2): optimizer steps on the prompt's (x, t) pairs before a
+                                    # request group's first sampled token; 0 disables (and installs no capture)
+    warmup_max_rows: int = 1024     # prompt positions per warm start, the last ones (bounds the trainer ring)
+    log_interval_s: float = 10.0    # periodic counter log; 0 disables
+    latent_mixing: bool = True      # rows with no filter (and nothing that needs the unmixed logits) mix the
+                                    # LM-head input, (1+beta) t - beta t_hat, before the LM head (SPEC 3), instead
+                                    # of the fused reweight computing d = W t_hat over the whole vocabulary
+    fallback: bool = False          # when ESamp cannot attach to the engine: serve requests that ask for it with
+                                    # the engine's own sampler (True) or reject them with an error (False)
+
+    def resolved_slots(self, max_num_seqs: int) -> int:
+        if self.mode == "shared":
+            return 1
+        return self.slots if self.slots > 0 else max(1, int(max_num_seqs))
+
+    def resolved_rank(self) -> int:
+        if self.rank > 0:
+            return self.rank
+        return 384 if self.mode == "shared" else 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConfigError(f"esamp.{key}: expected a boolean, got {v!r}")
+
+
+def _as_float(key: str, v: Any, *, lo: Optional[float] = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"esamp.{key}: expected a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)):
+        bound = f"{'>' if lo_open else '>='} {lo}" if lo is not None else "finite"
+        raise ConfigError(f"esamp.{key}: expected a finite number {bound}, got {v!r}")
+    return f
+
+
+def _as_int(key: str, v: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = ("" if lo is None else f" >= {lo}") if hi is None else f" in [{lo}, {hi}]"
+        raise ConfigError(f"esamp.{key}: expected an int{rng}, got {v!r}")
+    return int(v)
+
+
+def check_engine_config(cfg: EngineConfig) -> EngineConfig:
+    """Checks and normalises every field (ConfigError naming the key, the expectation and the value)."""
+    cfg.enabled = _as_bool("enabled", cfg.enabled)
+    cfg.default_on = _as_bool("default_on", cfg.default_on)
+    cfg.beta = _as_float("beta", cfg.beta, lo=0.0)
+    if cfg.mode not in ("per_prompt", "shared"):
+        raise ConfigError(f"esamp.mode: expected 'per_prompt' or 'shared', got {cfg.mode!r}")
+    cfg.slots = _as_int("slots", cfg.slots, lo=0)
+    cfg.rank = _as_int("rank", cfg.rank, lo=0)
+    cfg.layers = _as_int("layers", cfg.layers, lo=1)
+    cfg.lr = _as_float("lr", cfg.lr, lo=0.0, lo_open=True)
+    cfg.adam_eps = _as_float("adam_eps", cfg.adam_eps, lo=0.0, lo_open=True)
+    cfg.clip = _as_float("clip", cfg.clip, lo=0.0, lo_open=True)
+    cfg.seed = _as_int("seed", cfg.seed, lo=0)
+    cfg.capture_layer = _as_int("capture_layer", cfg.capture_layer, lo=0)
+    cfg.ring_rows = _as_int("ring_rows", cfg.ring_rows, lo=0)
+    cfg.warmup_steps = _as_int("warmup_steps", cfg.warmup_steps, lo=0)
+    cfg.warmup_max_rows = _as_int("warmup_max_rows", cfg.warmup_max_rows, lo=1)
+    cfg.log_interval_s = _as_float("log_interval_s", cfg.log_interval_s, lo=0.0)
+    cfg.latent_mixing = _as_bool("latent_mixing", cfg.latent_mixing)
+    cfg.fallback = _as_bool("fallback", cfg.fallback)
+    return cfg
+
+
+def merge_engine_settings(dst: dict, src: Any, origin: str) -> None:
+    """Copies the ESamp settings of ``src`` (a mapping) into ``dst``; ``origin`` names the source in errors.
+    Keys starting with "_" are annotations an adapter wrote (e.g. the capture point) and are skipped."""
+    if not isinstance(src, Mapping):
+        raise ConfigError(f"{origin}: expected a JSON object / dict of ESamp settings, got {src!r}")
+    known = {f.name for f in fields(EngineConfig)}
+    for k, v in src.items():
+        if isinstance(k, str) and k.startswith("_"):
+            continue
+        if k not in known:
+            raise ConfigError(f"{origin}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+        dst[k] = v
+
+
+@dataclass(frozen=True)
+class RequestConfig:
+    enabled: bool
+    beta: float
+    warmup_steps: Optional[int] = None   # None: the engine's warmup_steps
+
+
+def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
+    """Per-request settings from ``SamplingParams.extra_args``.
+
+    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"/"true"/"false", as the OpenAI server's
+    ``vllm_xargs`` cannot carry booleans), ``{"esamp": {"enabled": bool, "beta": float}}`` and the flat
+    ``{"esamp_beta": float}``.  A request that sets a beta without "enabled" opts in even when default_on
+    is false.  Raises ConfigError on bad values (the plugin validates this at SamplingParams construction,
+    so the engine never sees them).
+    """
+    enabled, beta, warmup = engine.default_on, engine.beta, None
+    if not extra_args:
+        return RequestConfig(enabled, beta)
+    if not isinstance(extra_args, Mapping):
+        return RequestConfig(enabled, beta)
+    v = extra_args.get("esamp")
+    if v is not None:
+        if isinstance(v, (bool, int, str)):  # the OpenAI server's vllm_xargs carries no bools: 0/1, "on"/"off"
+            try:
+                enabled = _as_bool("esamp", v)
+            except ConfigError:
+                raise ConfigError(f"extra_args['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
+                                  f"'enabled'/'beta'/'warmup_steps', got {v!r}") from None
+        elif isinstance(v, Mapping):
+            unknown = set(v) - {"enabled", "beta", "warmup_steps"}
+            if unknown:
+                raise ConfigError(f"extra_args['esamp']: unknown key(s) {sorted(unknown)} "
+                                  f"(known: 'beta', 'enabled', 'warmup_steps')")
+            if "warmup_steps" in v:
+                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
+            if "beta" in v:
+                beta = _as_float("beta", v["beta"], lo=0.0)
+                enabled = True
+            if "enabled" in v:
+                enabled = _as_bool("enabled", v["enabled"])
+        else:
+            raise ConfigError(f"extra_args['esamp']: expected a bool or a dict with 'enabled'/'beta'/'warmup_steps', "
+                              f"got {v!r}")
+    if "esamp_beta" in extra_args:
+        beta = _as_float("esamp_beta", extra_args["esamp_beta"], lo=0.0)
+        if v is None:
+            enabled = True
+    if "esamp_warmup_steps" in extra_args:
+        warmup = _as_int("esamp_warmup_steps", extra_args["esamp_warmup_steps"], lo=0)
+    return RequestConfig(bool(enabled), float(beta), warmup)
+
+
+def validate_extra_args(extra_args: Optional[Mapping[str, Any]]) -> None:
+    """Raises ConfigError if the ESamp keys of extra_args are malformed (engine defaults do not matter)."""
+    keys = ("esamp", "esamp_beta", "esamp_warmup_steps")
+    if extra_args and isinstance(extra_args, Mapping) and any(k in extra_args for k in keys):
+        request_config(extra_args, EngineConfig())
