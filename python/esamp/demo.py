@@ -69,8 +69,10 @@ class _Progress:
 
     def step(self, what: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(what, refresh=False)
+            # update first, then set the label with refresh=True: every step is printed (a handful of steps),
+            # whatever tqdm's mininterval would have skipped, so the last label shown is the step just done
             self.bar.update(1)
+            self.bar.set_postfix_str(what, refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:
