@@ -104,3 +104,37 @@ def test_missing_library_raises_an_import_error_with_the_install_command(tmp_pat
     assert r.returncode != 0
     assert "ImportError: esamp: compiled library _C.so not found" in r.stderr
     assert "pip install --no-build-isolation ." in r.stderr
+
+
+def test_link_dists_hard_links_a_distribution_and_what_it_requires(tmp_path):
+    """tools/link_dists.py (CI's wheel check gets the project venv's torch into its fresh venv this way): every
+    file of the named distribution and of its requirements (pytest -> pluggy, iniconfig, ...) appears under the
+    destination as a hard link of the installed file, and the linked package imports from there alone."""
+    import importlib.metadata as md
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dest = tmp_path / "site"
+    dest.mkdir()
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "link_dists.py"), str(dest), "pytest"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("pytest", "pluggy", "iniconfig"):
+        assert f"{md.distribution(name).metadata['Name']}=={md.version(name)}" in out.stdout, out.stdout
+    src = md.distribution("pluggy").locate_file("pluggy/__init__.py")
+    dst = dest / "pluggy" / "__init__.py"
+    if os.stat(src).st_dev == os.stat(dest).st_dev:
+        assert os.stat(src).st_ino == os.stat(dst).st_ino  # a link, not a copy
+    assert list(dest.glob("pluggy-*.dist-info/METADATA"))
+    probe = subprocess.run([sys.executable, "-S", "-c",
+                            "import sys; sys.path.insert(0, sys.argv[1]); import pluggy, importlib.metadata as m; "
+                            "print(pluggy.__file__); print(m.version('pluggy'))", str(dest)],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0].startswith(str(dest)), probe.stdout
+    assert probe.stdout.splitlines()[1] == md.version("pluggy")
+
+
+def test_link_dists_names_a_missing_distribution(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "link_dists.py"), str(tmp_path),
+                          "no-such-distribution-esamp"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "'no-such-distribution-esamp' is required but not installed" in out.stderr
