@@ -133,50 +133,63 @@ class RequestConfig:
     warmup_steps: Optional[int] = None   # None: the engine's warmup_steps
 
 
-def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
-    """Per-request settings from ``SamplingParams.extra_args``.
+def parse_request_options(params: Optional[Mapping[str, Any]], *, source: str, default_on: bool, beta: float,
+                          keys: tuple = ("enabled", "beta", "warmup_steps")) -> dict:
+    """The per-request parser both engines share.  ``params`` is the engine's per-request dict (vLLM's
+    ``SamplingParams.extra_args``, SGLang's ``custom_params``), named ``source`` in errors.
 
-    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"/"true"/"false", as the OpenAI server's
-    ``vllm_xargs`` cannot carry booleans), ``{"esamp": {"enabled": bool, "beta": float}}`` and the flat
-    ``{"esamp_beta": float}``.  A request that sets a beta without "enabled" opts in even when default_on
-    is false.  Raises ConfigError on bad values (the plugin validates this at SamplingParams construction,
-    so the engine never sees them).
+    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"/"true"/"false", as the OpenAI servers'
+    extra fields cannot carry booleans), ``{"esamp": {key: value}}`` with ``keys`` (a subset of enabled, beta,
+    warmup_steps, seed) and the flat ``{"esamp_<key>": value}`` for every key but enabled.  A request that sets a
+    beta without "enabled" opts in even when default_on is false.  Returns {"enabled", "beta", "warmup_steps",
+    "seed"} (warmup_steps / seed None where the request leaves them to the engine); raises ConfigError.
     """
-    enabled, beta, warmup = engine.default_on, engine.beta, None
-    if not extra_args:
-        return RequestConfig(enabled, beta)
-    if not isinstance(extra_args, Mapping):
-        return RequestConfig(enabled, beta)
-    v = extra_args.get("esamp")
+    out = {"enabled": default_on, "beta": beta, "warmup_steps": None, "seed": None}
+    if not params or not isinstance(params, Mapping):
+        return out
+    checks = {"beta": lambda k, x: _as_float(k, x, lo=0.0),
+              "warmup_steps": lambda k, x: _as_int(k, x, lo=0),
+              "seed": lambda k, x: _as_int(k, x, lo=-(2**63), hi=2**63 - 1),
+              "enabled": _as_bool}
+    shape = f"a dict with {'/'.join(repr(k) for k in keys)}"
+    v = params.get("esamp")
     if v is not None:
-        if isinstance(v, (bool, int, str)):  # the OpenAI server's vllm_xargs carries no bools: 0/1, "on"/"off"
+        if isinstance(v, (bool, int, str)):
             try:
-                enabled = _as_bool("esamp", v)
+                out["enabled"] = _as_bool("esamp", v)
             except ConfigError:
-                raise ConfigError(f"extra_args['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
-                                  f"'enabled'/'beta'/'warmup_steps', got {v!r}") from None
+                raise ConfigError(f"{source}['esamp']: expected a bool (or 0/1, 'on'/'off') or {shape}, "
+                                  f"got {v!r}") from None
         elif isinstance(v, Mapping):
-            unknown = set(v) - {"enabled", "beta", "warmup_steps"}
+            unknown = set(v) - set(keys)
             if unknown:
-                raise ConfigError(f"extra_args['esamp']: unknown key(s) {sorted(unknown)} "
-                                  f"(known: 'beta', 'enabled', 'warmup_steps')")
-            if "warmup_steps" in v:
-                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
+                raise ConfigError(f"{source}['esamp']: unknown key(s) {sorted(unknown)} "
+                                  f"(known: {', '.join(repr(k) for k in sorted(keys))})")
+            for k in keys:   # "enabled" last: an explicit enabled wins over the opt-in a beta implies
+                if k != "enabled" and k in v:
+                    out[k] = checks[k](k, v[k])
             if "beta" in v:
-                beta = _as_float("beta", v["beta"], lo=0.0)
-                enabled = True
+                out["enabled"] = True
             if "enabled" in v:
-                enabled = _as_bool("enabled", v["enabled"])
+                out["enabled"] = _as_bool("enabled", v["enabled"])
         else:
-            raise ConfigError(f"extra_args['esamp']: expected a bool or a dict with 'enabled'/'beta'/'warmup_steps', "
-                              f"got {v!r}")
-    if "esamp_beta" in extra_args:
-        beta = _as_float("esamp_beta", extra_args["esamp_beta"], lo=0.0)
-        if v is None:
-            enabled = True
-    if "esamp_warmup_steps" in extra_args:
-        warmup = _as_int("esamp_warmup_steps", extra_args["esamp_warmup_steps"], lo=0)
-    return RequestConfig(bool(enabled), float(beta), warmup)
+            raise ConfigError(f"{source}['esamp']: expected a bool or {shape}, got {v!r}")
+    for k in keys:
+        flat = f"esamp_{k}"
+        if k != "enabled" and flat in params:
+            out[k] = checks[k](flat, params[flat])
+            if k == "beta" and v is None:
+                out["enabled"] = True
+    out["enabled"], out["beta"] = bool(out["enabled"]), float(out["beta"])
+    return out
+
+
+def request_config(extra_args: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
+    """Per-request settings from ``SamplingParams.extra_args`` (forms: parse_request_options).  Raises
+    ConfigError on bad values (the plugin validates this at SamplingParams construction, so the engine never sees
+    them)."""
+    o = parse_request_options(extra_args, source="extra_args", default_on=engine.default_on, beta=engine.beta)
+    return RequestConfig(o["enabled"], o["beta"], o["warmup_steps"])
 
 
 def validate_extra_args(extra_args: Optional[Mapping[str, Any]]) -> None:

@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
-from .._core.config import _FALSE, _TRUE, ConfigError, _as_bool, _as_float, _as_int  # noqa: F401
+from .._core.config import (_FALSE, _TRUE, ConfigError, _as_bool, _as_float, _as_int,  # noqa: F401
+                            parse_request_options)
 
 BACKEND = "esamp"                      # --sampling-backend esamp
 ENV_ENABLE = "ESAMP_SGLANG"            # "0"/"false"/"off" forces ESamp off even with --sampling-backend esamp
@@ -118,58 +119,24 @@ class RequestConfig:
 
 
 def request_config(custom_params: Optional[Mapping[str, Any]], engine: EngineConfig) -> RequestConfig:
-    """Per-request settings from ``SamplingParams.custom_params``.
-
-    Accepted forms: ``{"esamp": True/False}`` (also 0/1 and "on"/"off"), ``{"esamp": {"enabled": bool,
-    "beta": float, "warmup_steps": int, "seed": int}}`` and the flat ``{"esamp_beta": float,
-    "esamp_warmup_steps": int, "esamp_seed": int}``.  A request that sets a beta without "enabled" opts in even
-    when default_on is false.  ``esamp_group`` / ``esamp_index`` group requests on one slot (the plugin sets them
-    for the n samples of an ``n > 1`` request).  Raises ConfigError on bad values.
+    """Per-request settings from ``SamplingParams.custom_params``: the forms of the vLLM adapter
+    (_core.config.parse_request_options) with one more key, ``seed`` (``{"esamp": {"enabled": bool, "beta":
+    float, "warmup_steps": int, "seed": int}}`` or flat ``esamp_beta`` / ``esamp_warmup_steps`` / ``esamp_seed``).
+    ``esamp_group`` / ``esamp_index`` group requests on one slot (the plugin sets them for the n samples of an
+    ``n > 1`` request).  Raises ConfigError on bad values.
     """
-    enabled, beta, warmup, seed, group, index = engine.default_on, engine.beta, None, None, None, 0
-    if not custom_params or not isinstance(custom_params, Mapping):
-        return RequestConfig(enabled, beta)
-    v = custom_params.get("esamp")
-    if v is not None:
-        if isinstance(v, (bool, int, str)):
-            try:
-                enabled = _as_bool("esamp", v)
-            except ConfigError:
-                raise ConfigError(f"custom_params['esamp']: expected a bool (or 0/1, 'on'/'off') or a dict with "
-                                  f"{'/'.join(REQUEST_KEYS)}, got {v!r}") from None
-        elif isinstance(v, Mapping):
-            unknown = set(v) - set(REQUEST_KEYS)
-            if unknown:
-                raise ConfigError(f"custom_params['esamp']: unknown key(s) {sorted(unknown)} "
-                                  f"(known: {', '.join(REQUEST_KEYS)})")
-            if "warmup_steps" in v:
-                warmup = _as_int("warmup_steps", v["warmup_steps"], lo=0)
-            if "seed" in v:
-                seed = _as_int("seed", v["seed"], lo=-(2**63), hi=2**63 - 1)
-            if "beta" in v:
-                beta = _as_float("beta", v["beta"], lo=0.0)
-                enabled = True
-            if "enabled" in v:
-                enabled = _as_bool("enabled", v["enabled"])
-        else:
-            raise ConfigError(f"custom_params['esamp']: expected a bool or a dict with {'/'.join(REQUEST_KEYS)}, "
-                              f"got {v!r}")
-    if "esamp_beta" in custom_params:
-        beta = _as_float("esamp_beta", custom_params["esamp_beta"], lo=0.0)
-        if v is None:
-            enabled = True
-    if "esamp_warmup_steps" in custom_params:
-        warmup = _as_int("esamp_warmup_steps", custom_params["esamp_warmup_steps"], lo=0)
-    if "esamp_seed" in custom_params:
-        seed = _as_int("esamp_seed", custom_params["esamp_seed"], lo=-(2**63), hi=2**63 - 1)
-    if GROUP_KEY in custom_params:
-        g = custom_params[GROUP_KEY]
-        if not isinstance(g, str) or not g:
-            raise ConfigError(f"custom_params[{GROUP_KEY!r}]: expected a non-empty string, got {g!r}")
-        group = g
-    if INDEX_KEY in custom_params:
-        index = _as_int(INDEX_KEY, custom_params[INDEX_KEY], lo=0)
-    return RequestConfig(bool(enabled), float(beta), warmup, seed, group, index)
+    o = parse_request_options(custom_params, source="custom_params", default_on=engine.default_on,
+                              beta=engine.beta, keys=REQUEST_KEYS)
+    group, index = None, 0
+    if custom_params and isinstance(custom_params, Mapping):
+        if GROUP_KEY in custom_params:
+            g = custom_params[GROUP_KEY]
+            if not isinstance(g, str) or not g:
+                raise ConfigError(f"custom_params[{GROUP_KEY!r}]: expected a non-empty string, got {g!r}")
+            group = g
+        if INDEX_KEY in custom_params:
+            index = _as_int(INDEX_KEY, custom_params[INDEX_KEY], lo=0)
+    return RequestConfig(o["enabled"], o["beta"], o["warmup_steps"], o["seed"], group, index)
 
 
 def validate_custom_params(custom_params: Optional[Mapping[str, Any]]) -> None:
