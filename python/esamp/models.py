@@ -133,6 +133,18 @@ def _gguf_cache_dir(path: str, dtype: torch.dtype) -> str:
     return os.path.join(base, "hf", f"{stem}-{str(dtype).replace('torch.', '')}-{key}")
 
 
+def save_hf(model, tok, out: Union[str, os.PathLike]) -> str:
+    """Writes (model, tokenizer) as a transformers folder ``out`` (safetensors, config, generation config,
+    tokenizer) that engines reading only Hugging Face folders (vLLM, SGLang) can load; works for models loaded
+    from GGUF, whose save_pretrained refuses (they carry a quantizer).  Written to a temporary sibling and
+    renamed, so ``out`` is either complete or absent; an existing non-empty ``out`` is an error."""
+    out = os.fspath(out)
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"out: {out!r} exists and is not empty")
+    _save_cache(model, tok, out)
+    return out
+
+
 def _save_cache(model, tok, out: str) -> None:
     import shutil
     import tempfile

@@ -25,8 +25,53 @@ import torch.nn as nn
 from ... import _ops  # noqa: F401  (registers torch.ops.esamp.*)
 
 BUFFER_NAME = "esamp_capture_buffer"
-CAPTURE_MODES = ("sum", "first")
+# "sum": buffer[:N] = hidden + residual of a layer returning (hidden, residual) (vLLM's decoder layers);
+# "first": buffer[:N] = the output, or its first element when it returns a tuple (a final norm);
+# "first_rows": as "first", but only the first rows of a forward longer than the buffer (SGLang's final norm);
+# "layer_input": the residual stream entering the layer, from the ``capture_output`` callback the layer's input
+#   boundary calls (SGLang's EAGLE-3 hook; a callback the caller passed is chained), first rows as "first_rows".
+CAPTURE_MODES = ("sum", "first", "first_rows", "layer_input")
 _CAPTURE_CLASSES: Dict[tuple, type] = {}
+
+
+def _forward_for(base_forward: Callable, mode: str) -> Callable:
+    if mode == "sum":
+        def forward(self, *args, **kwargs):
+            out = base_forward(self, *args, **kwargs)
+            if isinstance(out, tuple):
+                torch.ops.esamp.capture(out[0], out[1], getattr(self, BUFFER_NAME))
+            else:
+                torch.ops.esamp.capture(out, None, getattr(self, BUFFER_NAME))
+            return out
+    elif mode == "first":
+        def forward(self, *args, **kwargs):
+            out = base_forward(self, *args, **kwargs)
+            torch.ops.esamp.capture(out[0] if isinstance(out, tuple) else out, None, getattr(self, BUFFER_NAME))
+            return out
+    elif mode == "first_rows":
+        def forward(self, *args, **kwargs):
+            out = base_forward(self, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+            buf = getattr(self, BUFFER_NAME)
+            torch.ops.esamp.capture(h[: buf.shape[0]], None, buf)
+            return out
+    else:  # layer_input
+        def forward(self, *args, **kwargs):
+            buf = getattr(self, BUFFER_NAME)
+            user = kwargs.get("capture_output")
+
+            def capture_output(value, owned=False):
+                torch.ops.esamp.capture(value[: buf.shape[0]], None, buf)
+                if user is not None:
+                    user(value, owned=owned)
+
+            kwargs["capture_output"] = capture_output
+            return base_forward(self, *args, **kwargs)
+    return forward
+
+
+_CLASS_PREFIX = {"sum": "ESampCapture", "first": "ESampCaptureOut", "first_rows": "ESampOutputCapture",
+                 "layer_input": "ESampInputCapture"}
 
 
 def _capture_class(base: type, mode: str = "sum") -> type:
@@ -38,38 +83,29 @@ def _capture_class(base: type, mode: str = "sum") -> type:
     sub = _CAPTURE_CLASSES.get((base, mode))
     if sub is not None:
         return sub
-    base_forward = base.forward
-
-    if mode == "sum":
-        def forward(self, *args, **kwargs):
-            out = base_forward(self, *args, **kwargs)
-            if isinstance(out, tuple):
-                torch.ops.esamp.capture(out[0], out[1], getattr(self, BUFFER_NAME))
-            else:
-                torch.ops.esamp.capture(out, None, getattr(self, BUFFER_NAME))
-            return out
-        name = "ESampCapture"
-    else:
-        def forward(self, *args, **kwargs):
-            out = base_forward(self, *args, **kwargs)
-            torch.ops.esamp.capture(out[0] if isinstance(out, tuple) else out, None, getattr(self, BUFFER_NAME))
-            return out
-        name = "ESampCaptureOut"
-
+    name = _CLASS_PREFIX[mode]
     sub = type(f"{name}{base.__name__}", (base,),
-               {"forward": forward, "_esamp_capture_class": True, "_esamp_capture_mode": mode,
-                "__module__": base.__module__, "__qualname__": f"{name}{base.__qualname__}"})
+               {"forward": _forward_for(base.forward, mode), "_esamp_capture_class": True,
+                "_esamp_capture_mode": mode, "__module__": base.__module__,
+                "__qualname__": f"{name}{base.__qualname__}"})
     _CAPTURE_CLASSES[(base, mode)] = sub
     return sub
 
 
+def captured_base(cls: type) -> type:
+    """The model's own class of a module (the class below ours when a capture is installed)."""
+    return cls.__mro__[1] if getattr(cls, "_esamp_capture_class", False) else cls
+
+
 def install_layer_capture(layer: nn.Module, buffer: torch.Tensor, mode: str = "sum") -> None:
-    """Make ``layer`` write its output into ``buffer`` on every forward: hidden + residual ("sum", for a decoder
-    layer returning (hidden, residual)) or the first element / the tensor itself ("first", for a final norm)."""
+    """Make ``layer`` write into ``buffer`` on every forward, as ``mode`` says (CAPTURE_MODES): hidden +
+    residual ("sum", for a decoder layer returning (hidden, residual)), the first element / the tensor itself
+    ("first", for a final norm; "first_rows" clips to the buffer's rows), or the residual entering the layer
+    ("layer_input")."""
     if mode not in CAPTURE_MODES:
         raise ValueError(f"mode: expected one of {CAPTURE_MODES}, got {mode!r}")
     if buffer.dim() != 2:
-        raise ValueError(f"buffer: expected a 2-D tensor [max_num_tokens, H], got shape {tuple(buffer.shape)}")
+        raise ValueError(f"buffer: expected a 2-D tensor [rows, H], got shape {tuple(buffer.shape)}")
     layer.__class__ = _capture_class(type(layer), mode)
     if BUFFER_NAME in layer._buffers:
         layer._buffers[BUFFER_NAME] = buffer
@@ -78,15 +114,13 @@ def install_layer_capture(layer: nn.Module, buffer: torch.Tensor, mode: str = "s
 
 
 def remove_layer_capture(layer: nn.Module) -> None:
-    cls = type(layer)
-    if getattr(cls, "_esamp_capture_class", False):
-        layer.__class__ = cls.__mro__[1]
+    layer.__class__ = captured_base(type(layer))
     layer._buffers.pop(BUFFER_NAME, None)
 
 
 def find_decoder(model: nn.Module) -> Optional[nn.Module]:
-    """The module holding the decoder layers (``layers`` ModuleList next to ``start_layer``), as vLLM's
-    text models lay them out (LlamaModel, Qwen2Model, MistralModel, ...).  Multimodal wrappers hold it
+    """The module holding the decoder layers (``layers`` ModuleList next to ``start_layer``), as vLLM's and
+    SGLang's text models lay them out (LlamaModel, Qwen2Model, MistralModel, ...).  Multimodal wrappers hold it
     deeper; the first match in module order is the language model."""
     for m in model.modules():
         if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "start_layer"):
