@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import esamp
+from cpu_engine_env import cpu_engine_environ
 
 pytestmark = pytest.mark.sglang
 
@@ -29,27 +30,17 @@ plugin.register()  # before SGLang is imported: the hooks install on import, as 
 # On a CPU machine SGLang imports vLLM's _custom_ops when vLLM is installed (moe_runner/triton_utils), which fixes
 # vLLM's platform for the whole process.  Import it under the environment tests/test_vllm.py selects vLLM's CPU
 # platform with (restored afterwards), so that both suites run in one pytest process in either order.
-_ENV = {"TRITON_INTERPRET": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_LEVEL": "WARNING"}
-if not torch.cuda.is_available():
-    _ENV["CUDA_VISIBLE_DEVICES"] = ""
-_saved = {k: os.environ.get(k) for k in _ENV}
-os.environ.update(_ENV)
-try:
-    import sglang  # noqa: F401
-    from sglang.srt import runtime_context as rc
-    from sglang.srt.server_args import ServerArgs
-    import sglang.srt.layers.sampler  # noqa: F401  (the import that reaches vLLM)
-except ImportError as e:  # pragma: no cover
-    if os.environ.get("CI") == "true":
-        raise ImportError(f"SGLang is not importable under CI ({e}); tools/install_sglang.sh must install it") from e
-    pytest.skip(f"SGLang is not importable ({type(e).__name__}: {e}); install it with tools/install_sglang.sh",
-                allow_module_level=True)
-finally:
-    for _k, _v in _saved.items():
-        if _v is None:
-            os.environ.pop(_k, None)
-        else:
-            os.environ[_k] = _v
+with cpu_engine_environ():
+    try:
+        import sglang  # noqa: F401
+        from sglang.srt import runtime_context as rc
+        from sglang.srt.server_args import ServerArgs
+        import sglang.srt.layers.sampler  # noqa: F401  (the import that reaches vLLM)
+    except ImportError as e:  # pragma: no cover
+        if os.environ.get("CI") == "true":
+            raise ImportError(f"SGLang is not importable under CI ({e}); tools/install_sglang.sh must install it") from e
+        pytest.skip(f"SGLang is not importable ({type(e).__name__}: {e}); install it with tools/install_sglang.sh",
+                    allow_module_level=True)
 
 import tempfile  # noqa: E402
 

@@ -27,52 +27,43 @@ import torch.nn as nn
 
 import esamp
 
+from cpu_engine_env import cpu_engine_environ
+
 pytestmark = pytest.mark.vllm
 
-_ENV = {"TRITON_INTERPRET": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_LEVEL": "WARNING"}
-if not torch.cuda.is_available():
-    _ENV["CUDA_VISIBLE_DEVICES"] = ""
-_saved = {k: os.environ.get(k) for k in _ENV}
-os.environ.update(_ENV)
-try:
-    import vllm  # noqa: F401
-    from vllm.config import VllmConfig
-    from vllm.platforms import current_platform
-    from vllm.sampling_params import SamplingParams
-    from vllm.exceptions import VLLMValidationError
-    from vllm.triton_utils import HAS_TRITON
-    import vllm.v1.worker.cpu.shm  # noqa: F401  (vLLM's CPU platform patches: plain CPU buffers instead of UVA)
-    from vllm.v1.core.sched.output import NewRequestData
-    from vllm.v1.engine import EngineCoreRequest
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.engine.parallel_sampling import ParentRequest
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
-    import vllm.v1.worker.gpu.sample.sampler as v2_sampler_mod
-    import vllm.v1.worker.gpu.sample.states as v2_states_mod
-    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
-    from vllm.v1.worker.gpu.model_states.interface import ModelState
-    from vllm.v1.worker.gpu.sample.sampler import Sampler
-    from vllm.v1.worker.gpu.states import RequestState
-    import vllm.v1.worker.gpu.model_states as v2_model_states
-    import vllm.v1.worker.gpu_model_runner as v1_runner_mod
-    import vllm.v1.worker.worker_base as worker_base_mod
-    from vllm.v1.sample.sampler import Sampler as V1Sampler
-    import vllm.v1.sample.ops.topk_topp_sampler as v1_topk_mod
-    from vllm.v1.utils import CpuGpuBuffer
-    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch as V1InputBatch
-except ImportError as e:
-    pytest.skip(f"vLLM is not importable ({type(e).__name__}: {e}); install it with tools/install_vllm.sh",
-                allow_module_level=True)
-else:
+with cpu_engine_environ() as _ENV:
+    try:
+        import vllm  # noqa: F401
+        from vllm.config import VllmConfig
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.triton_utils import HAS_TRITON
+        import vllm.v1.worker.cpu.shm  # noqa: F401  (vLLM's CPU platform patches: plain CPU buffers instead of UVA)
+        from vllm.v1.core.sched.output import NewRequestData
+        from vllm.v1.engine import EngineCoreRequest
+        from vllm.v1.engine.input_processor import InputProcessor
+        from vllm.v1.engine.parallel_sampling import ParentRequest
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+        import vllm.v1.worker.gpu.sample.sampler as v2_sampler_mod
+        import vllm.v1.worker.gpu.sample.states as v2_states_mod
+        from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+        from vllm.v1.worker.gpu.model_states.interface import ModelState
+        from vllm.v1.worker.gpu.sample.sampler import Sampler
+        from vllm.v1.worker.gpu.states import RequestState
+        import vllm.v1.worker.gpu.model_states as v2_model_states
+        import vllm.v1.worker.gpu_model_runner as v1_runner_mod
+        import vllm.v1.worker.worker_base as worker_base_mod
+        from vllm.v1.sample.sampler import Sampler as V1Sampler
+        import vllm.v1.sample.ops.topk_topp_sampler as v1_topk_mod
+        from vllm.v1.utils import CpuGpuBuffer
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch as V1InputBatch
+    except ImportError as e:
+        pytest.skip(f"vLLM is not importable ({type(e).__name__}: {e}); install it with tools/install_vllm.sh",
+                    allow_module_level=True)
     if not (current_platform.is_cpu() and HAS_TRITON):
         pytest.skip("vLLM imported, but its CPU platform with Triton (interpreter) could not be selected",
                     allow_module_level=True)
-finally:
-    for _k, _v in _saved.items():
-        if _v is None:
-            os.environ.pop(_k, None)
-        else:
-            os.environ[_k] = _v
 
 import esamp.integrations.vllm as plugin  # noqa: E402
 from esamp.integrations._core import capture as core_capture  # noqa: E402

@@ -13,8 +13,7 @@
 # Idempotent: returns at once when everything already imports.
 set -euo pipefail
 SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
-PY=${PYTHON:-python}
-log() { printf '[install_sglang] %s\n' "$*"; }
+. "$(dirname "$0")/_install_nodeps.sh"
 
 CHECK="
 import importlib.metadata as md
@@ -25,36 +24,6 @@ import sglang.srt.models.llama, sglang.srt.models.qwen2, sglang.srt.managers.sch
 import sglang.srt.managers.scheduler_components.output_streamer, sglang.srt.managers.tokenizer_manager
 import sglang.srt.server_args, sglang.srt.entrypoints.engine
 "
-quiet_check() { "$PY" -c "$CHECK" >/dev/null 2>&1; }
-
-if quiet_check; then
-  log "SGLang ${SGLANG_VERSION} already installed and importable"
-  exit 0
-fi
-
-PIPQ=("$PY" -m pip install -q --disable-pip-version-check)
-if ! "$PY" -c "import importlib.metadata as md; assert md.version('sglang') == '${SGLANG_VERSION}'" >/dev/null 2>&1; then
-  log "installing sglang==${SGLANG_VERSION} (--no-deps)"
-  "${PIPQ[@]}" --no-deps "sglang==${SGLANG_VERSION}"
-fi
-
-# Hold everything already installed (torch, transformers, numpy, tokenizers, huggingface_hub, vLLM and its
-# requirements, ...) at its current version.
-CONS=$(mktemp)
-trap 'rm -f "$CONS"' EXIT
-"$PY" - "$CONS" <<'PYEOF'
-import importlib.metadata as md, re, sys
-seen = {}
-for d in md.distributions():
-    name = d.metadata["Name"]
-    if not name or name.lower() in ("sglang", "esamp"):
-        continue
-    seen[re.sub(r"[-_.]+", "-", name).lower()] = d.version
-with open(sys.argv[1], "w") as f:
-    for name, version in sorted(seen.items()):
-        f.write(f"{name}=={version}\n")
-PYEOF
-
 # SGLang's requirements that the modules in CHECK import at module level (found by importing them on a CPU
 # machine and mapping sys.modules to distributions).  Unpinned on purpose: the constraints file holds what is
 # installed, and the machine's package store does not carry all of SGLang's exact pins (transformers 5.19,
@@ -63,11 +32,4 @@ PYEOF
 REQS=(orjson msgspec pyzmq aiohttp fastapi uvicorn uvloop pybase64 psutil pillow requests regex einops
       partial-json-parser openai sentencepiece setproctitle xgrammar scipy gguf compressed-tensors dill ipython
       torchvision)
-log "installing SGLang's import-time requirements (${#REQS[@]} packages; installed packages held)"
-"${PIPQ[@]}" -c "$CONS" "${REQS[@]}"
-
-if ! "$PY" -c "$CHECK"; then
-  log "error: SGLang ${SGLANG_VERSION} is installed but its modules do not import (see the traceback above)"
-  exit 1
-fi
-log "SGLang ${SGLANG_VERSION} importable"
+install_nodeps install_sglang sglang "$SGLANG_VERSION" "$CHECK" all "${REQS[@]}"

@@ -11,8 +11,7 @@
 # Idempotent: returns at once when everything already imports.
 set -euo pipefail
 VLLM_VERSION=${VLLM_VERSION:-0.33.0}
-PY=${PYTHON:-python}
-log() { printf '[install_vllm] %s\n' "$*"; }
+. "$(dirname "$0")/_install_nodeps.sh"
 
 # The modules esamp.integrations.vllm and tests/test_vllm.py import.
 CHECK="
@@ -23,43 +22,11 @@ import vllm.model_executor.models.llama, vllm.v1.worker.gpu_model_runner, vllm.v
 import vllm.v1.worker.cpu_model_runner, vllm.v1.worker.worker_base, vllm.v1.worker.gpu_input_batch
 import vllm.v1.engine.llm_engine, vllm.v1.engine.async_llm
 "
-quiet_check() { "$PY" -c "$CHECK" >/dev/null 2>&1; }
-
-if quiet_check; then
-  log "vLLM ${VLLM_VERSION} already installed and importable"
-  exit 0
-fi
-
-PIPQ=("$PY" -m pip install -q --disable-pip-version-check)
-if ! "$PY" -c "import importlib.metadata as md; assert md.version('vllm') == '${VLLM_VERSION}'" >/dev/null 2>&1; then
-  log "installing vllm==${VLLM_VERSION} (--no-deps)"
-  "${PIPQ[@]}" --no-deps "vllm==${VLLM_VERSION}"
-fi
-
-# Hold the packages the project already depends on.
-CONS=$(mktemp)
-trap 'rm -f "$CONS"' EXIT
-"$PY" - "$CONS" <<'PYEOF'
-import importlib.metadata as md, sys
-with open(sys.argv[1], "w") as f:
-    for name in ("torch", "transformers", "numpy", "tokenizers", "huggingface_hub", "triton"):
-        try:
-            f.write(f"{name}=={md.version(name)}\n")
-        except md.PackageNotFoundError:
-            pass
-PYEOF
-
 # Requirements of vLLM that its Python modules import at module level (found by importing the modules in
 # CHECK on a CPU machine).  Unpinned on purpose: the machine's package store holds one version of each,
 # and vLLM's exact pins (e.g. xgrammar==0.2.8) are not all available there; the imports are what we need.
 REQS=(msgspec cbor2 pyzmq aiohttp oss-harmony openai pybase64 cachetools uvloop py-cpuinfo prometheus_client
       xgrammar fastapi partial-json-parser llguidance einops regex psutil cloudpickle pyyaml pillow requests
       sentencepiece safetensors blake3 setproctitle)
-log "installing vLLM's import-time requirements (${#REQS[@]} packages; torch/transformers held)"
-"${PIPQ[@]}" -c "$CONS" "${REQS[@]}"
-
-if ! "$PY" -c "$CHECK"; then
-  log "error: vLLM ${VLLM_VERSION} is installed but its modules do not import (see the traceback above)"
-  exit 1
-fi
-log "vLLM ${VLLM_VERSION} importable"
+install_nodeps install_vllm vllm "$VLLM_VERSION" "$CHECK" "torch transformers numpy tokenizers huggingface_hub triton" \
+  "${REQS[@]}"
