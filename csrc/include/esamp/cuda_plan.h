@@ -237,14 +237,18 @@ inline DistillerPlan plan_distiller(const DistillerShape& sh, int64_t S, int64_t
   return p;
 }
 
-// Engine request from the environment: ESAMP_CUDA_DISTILLER_ENGINE = auto (default) | simt | cublas.
-inline int distiller_engine_from_env() {
-  const char* e = std::getenv("ESAMP_CUDA_DISTILLER_ENGINE");
+// A two-way switch from the environment: NAME = auto (default, also unset or empty) | choice0 | choice1.
+// Returns -1 for auto, 0 or 1 for the choice, -2 for any other value (the binding reports it).
+inline int env_choice(const char* name, const char* choice0, const char* choice1) {
+  const char* e = std::getenv(name);
   if (!e || !*e || std::strcmp(e, "auto") == 0) return -1;
-  if (std::strcmp(e, "simt") == 0) return 0;
-  if (std::strcmp(e, "cublas") == 0) return 1;
-  return -2;  // unknown value: the binding reports it
+  if (std::strcmp(e, choice0) == 0) return 0;
+  if (std::strcmp(e, choice1) == 0) return 1;
+  return -2;
 }
+
+// Engine request from the environment: ESAMP_CUDA_DISTILLER_ENGINE = auto (default) | simt | cublas.
+inline int distiller_engine_from_env() { return env_choice("ESAMP_CUDA_DISTILLER_ENGINE", "simt", "cublas"); }
 
 // ================================================================================================
 // Reweight
@@ -347,12 +351,6 @@ inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceI
 }
 
 // ESAMP_CUDA_REWEIGHT_DENSE = auto (default) | off | force.
-inline int reweight_dense_from_env() {
-  const char* e = std::getenv("ESAMP_CUDA_REWEIGHT_DENSE");
-  if (!e || !*e || std::strcmp(e, "auto") == 0) return -1;
-  if (std::strcmp(e, "off") == 0) return 0;
-  if (std::strcmp(e, "force") == 0) return 1;
-  return -2;
-}
+inline int reweight_dense_from_env() { return env_choice("ESAMP_CUDA_REWEIGHT_DENSE", "off", "force"); }
 
 }  // namespace esamp
