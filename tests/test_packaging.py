@@ -114,9 +114,19 @@ def test_link_dists_hard_links_a_distribution_and_what_it_requires(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     dest = tmp_path / "site"
     dest.mkdir()
+    # an older pluggy already in DEST (as a fresh venv holds its own setuptools): removed first, not overlaid
+    (dest / "pluggy").mkdir()
+    (dest / "pluggy" / "_stale.py").write_text("")
+    info = dest / "pluggy-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pluggy\nVersion: 0.0.1\n")
+    (info / "RECORD").write_text("pluggy/_stale.py,,\npluggy-0.0.1.dist-info/METADATA,,\npluggy-0.0.1.dist-info/RECORD,,\n")
     out = subprocess.run([sys.executable, os.path.join(root, "tools", "link_dists.py"), str(dest), "pytest"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "removed from DEST first: pluggy==0.0.1" in out.stdout, out.stdout
+    assert not info.exists() and not (dest / "pluggy" / "_stale.py").exists()
+    assert [p.name for p in dest.glob("pluggy-*.dist-info")] == [f"pluggy-{md.version('pluggy')}.dist-info"]
     for name in ("pytest", "pluggy", "iniconfig"):
         assert f"{md.distribution(name).metadata['Name']}=={md.version(name)}" in out.stdout, out.stdout
     src = md.distribution("pluggy").locate_file("pluggy/__init__.py")

@@ -6,7 +6,8 @@ hard links, so that a second virtual environment gets the same torch without a s
 Run it with the python of the environment that holds the distributions (the source).  Every file a distribution
 lists in its RECORD that lies inside the source site-packages is hard-linked (copied where a link is impossible,
 e.g. across file systems) to the same relative path under DEST_SITE_PACKAGES; console scripts and other files
-outside site-packages are skipped.  Requirements are followed through their markers (extras are not), so the
+outside site-packages are skipped.  Requirements are followed through their markers and the extras they ask
+for; a distribution of the same name already in DEST (a fresh venv's own setuptools) is removed first.  So the
 result is what `pip install torch==<same version>` would have installed, minus the download and the disk space.
 
 Why: .ci/run's wheel check installs the built wheel into a fresh venv "with only the same torch".  A second pip
@@ -58,6 +59,25 @@ def closure(roots: list[str]) -> list[md.Distribution]:
     return list(seen.values())
 
 
+def remove_existing(dists: list[md.Distribution], dest: str) -> list[str]:
+    """Removes from dest every distribution that has the name of one in dists (its RECORD files and its
+    .dist-info), so that no two versions of one distribution stand side by side.  Returns "name==version"s."""
+    names = {_canon(d.metadata["Name"]) for d in dists}
+    removed = []
+    for old in list(md.distributions(path=[dest])):
+        name, version, files = old.metadata["Name"] or "", old.version, list(old.files or [])  # before deleting
+        if _canon(name) not in names:
+            continue
+        for f in files:
+            p = os.path.realpath(os.path.join(dest, f))
+            if p.startswith(dest + os.sep) and os.path.isfile(p):
+                os.unlink(p)
+        for info in {f.parts[0] for f in files if f.parts[0].endswith(".dist-info")}:
+            shutil.rmtree(os.path.join(dest, info), ignore_errors=True)
+        removed.append(f"{name}=={version}")
+    return removed
+
+
 def link_tree(dists: list[md.Distribution], dest: str) -> tuple[int, int]:
     site = os.path.realpath(sysconfig.get_paths()["purelib"])
     linked = copied = 0
@@ -84,7 +104,7 @@ def link_tree(dists: list[md.Distribution], dest: str) -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        print("usage: python tools/link_dists.py DEST_SITE_PACKAGES DIST [DIST...]", file=sys.stderr)
         return 2
     dest = os.path.realpath(argv[1])
     if not os.path.isdir(dest):
@@ -92,6 +112,9 @@ def main(argv: list[str]) -> int:
     if dest == os.path.realpath(sysconfig.get_paths()["purelib"]):
         raise SystemExit("link_dists: DEST_SITE_PACKAGES is this environment's own site-packages")
     dists = closure(argv[2:])
+    removed = remove_existing(dists, dest)
+    if removed:
+        print(f"link_dists: removed from DEST first: {', '.join(sorted(removed))}")
     linked, copied = link_tree(dists, dest)
     names = ", ".join(sorted(f"{d.metadata['Name']}=={d.version}" for d in dists))
     print(f"link_dists: {len(dists)} distributions, {linked} files hard-linked, {copied} copied -> {dest}")

