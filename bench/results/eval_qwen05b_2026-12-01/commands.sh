@@ -35,3 +35,22 @@ PYTHONPATH=python .venv/bin/python bench/distiller_quality.py --samples "$S" --p
 # 4. Paired per-sample analysis of run 1 (where ESamp's samples leave vanilla's, who wins which problem)
 PYTHONPATH=python .venv/bin/python bench/esamp_pairs.py "$OUT" "vanilla T=1 min_p=0.1" \
     "esamp b=0.25 lr=0.0004 wu=30 min_p=0.1" > $D/pairs_dev.txt
+
+# 5. The better-trained distiller (lr 1e-3, 100 warm-up: the best ESamp point of the 0-15 screen) on the rest of
+#    dev (16-49), then all of dev beside the two methods of step 1 (cached)  ->  dev_tuned.{json,md,png}
+.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+    --point beta=0.25,lr=1e-3,warmup=100 --out "$OUT"
+.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+    --baseline "vanilla T=1 min_p=0.1" --out "$OUT"
+cp "$OUT/results.json" $D/dev_tuned.json; cp "$OUT/results.md" $D/dev_tuned.md; cp "$OUT/passk.png" $D/dev_tuned_passk.png
+
+# 6. The same three methods on the problems the lr 1e-3 point was NOT chosen on (16-49) and on those it was
+#    (0-15), all cached  ->  dev_tuned_16-49.{json,md}, dev_tuned_0-15.{json,md}
+for S in 16-49 0-15; do
+  .venv/bin/esamp eval passk --suite gsm8k --split $S --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+      --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+      --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
+  cp "$OUT/results.json" $D/dev_tuned_$S.json; cp "$OUT/results.md" $D/dev_tuned_$S.md
+done
