@@ -54,3 +54,17 @@ for S in 16-49 0-15; do
       --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
   cp "$OUT/results.json" $D/dev_tuned_$S.json; cp "$OUT/results.md" $D/dev_tuned_$S.md
 done
+
+# 7. Does a higher temperature buy the same?  Vanilla T 1.2 (min-p 0.1) on dev 16-49, then the four methods on
+#    16-49 against vanilla T 1 and against vanilla T 1.2  ->  t12_16-49.{json,md,png}, t12_16-49_vs_T1.2.{json,md}
+.venv/bin/esamp eval passk --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+    --vanilla-point temperature=1.2,min_p=0.1 --no-plots --out "$OUT"
+for B in 1 1.2; do
+  .venv/bin/esamp eval passk --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+      --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+      --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1.2,min_p=0.1 \
+      --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=$B min_p=0.1" --out "$OUT"
+  if [ $B = 1 ]; then S=t12_16-49; cp "$OUT/passk.png" $D/${S}_passk.png; else S=t12_16-49_vs_T1.2; fi
+  cp "$OUT/results.json" $D/$S.json; cp "$OUT/results.md" $D/$S.md
+done
