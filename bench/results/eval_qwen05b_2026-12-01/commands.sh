@@ -68,3 +68,17 @@ for B in 1 1.2; do
   if [ $B = 1 ]; then S=t12_16-49; cp "$OUT/passk.png" $D/${S}_passk.png; else S=t12_16-49_vs_T1.2; fi
   cp "$OUT/results.json" $D/$S.json; cp "$OUT/results.md" $D/$S.md
 done
+
+# 8. Vanilla T 1.2 on the rest of dev (0-15), then all four methods on all of dev against vanilla T 1 and T 1.2
+#    ->  dev_t12.{json,md,png}, dev_t12_vs_T1.2.{json,md}
+.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+    --vanilla-point temperature=1.2,min_p=0.1 --no-plots --out "$OUT"
+for B in 1 1.2; do
+  .venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+      --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+      --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1.2,min_p=0.1 \
+      --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=$B min_p=0.1" --out "$OUT"
+  if [ $B = 1 ]; then S=dev_t12; cp "$OUT/passk.png" $D/${S}_passk.png; else S=dev_t12_vs_T1.2; fi
+  cp "$OUT/results.json" $D/$S.json; cp "$OUT/results.md" $D/$S.md
+done
