@@ -82,3 +82,11 @@ for B in 1 1.2; do
   if [ $B = 1 ]; then S=dev_t12; cp "$OUT/passk.png" $D/${S}_passk.png; else S=dev_t12_vs_T1.2; fi
   cp "$OUT/results.json" $D/$S.json; cp "$OUT/results.md" $D/$S.md
 done
+
+# 9. A first step of vanilla's min-p grid: T 1, min-p 0.05 on dev 0-15, beside vanilla min-p 0.1 and ESamp lr 1e-3
+#    ->  screen_mp05_0-15.{json,md}
+.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
+    --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
+    --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1,min_p=0.05 \
+    --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
+cp "$OUT/results.json" $D/screen_mp05_0-15.json; cp "$OUT/results.md" $D/screen_mp05_0-15.md
