@@ -43,17 +43,14 @@ def _forward_for(base_forward: Callable, mode: str) -> Callable:
             else:
                 torch.ops.esamp.capture(out, None, getattr(self, BUFFER_NAME))
             return out
-    elif mode == "first":
-        def forward(self, *args, **kwargs):
-            out = base_forward(self, *args, **kwargs)
-            torch.ops.esamp.capture(out[0] if isinstance(out, tuple) else out, None, getattr(self, BUFFER_NAME))
-            return out
-    elif mode == "first_rows":
+    elif mode in ("first", "first_rows"):
+        clip = mode == "first_rows"   # "first" leaves a too-long forward to the op's own row check
+
         def forward(self, *args, **kwargs):
             out = base_forward(self, *args, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
             buf = getattr(self, BUFFER_NAME)
-            torch.ops.esamp.capture(h[: buf.shape[0]], None, buf)
+            torch.ops.esamp.capture(h[: buf.shape[0]] if clip else h, None, buf)
             return out
     else:  # layer_input
         def forward(self, *args, **kwargs):
