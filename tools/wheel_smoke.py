@@ -131,6 +131,9 @@ def main() -> int:
           f"the esamp console script is this environment's ({exe})")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     check(r.returncode == 0 and "demo" in r.stdout and "generate" in r.stdout, "`esamp --help` lists demo and generate")
+    r = subprocess.run([exe, "demo", "-n", "-1"], capture_output=True, text=True, timeout=120)
+    check(r.returncode == 2 and r.stderr.strip() == "esamp demo: error: -n: expected an int >= 1, got -1",
+          "`esamp demo -n -1`: one-line error, exit status 2 (checked by esamp_cli before torch loads)")
     print("wheel smoke: all checks passed")
     return 0
 

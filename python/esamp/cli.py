@@ -23,8 +23,10 @@ __all__ = ["main", "build_parser"]
 
 def _add_sampling(p: argparse.ArgumentParser, defaults: dict) -> None:
     d = defaults
-    p.add_argument("--model", default=None, metavar="PATH|FILE.gguf",
-                   help="local transformers folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, metavar="NAME|PATH|FILE.gguf",
+                   help="a short name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b: see `esamp eval`'s "
+                        "assets), a local transformers folder or a GGUF file (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("-n", "--n", type=int, default=d["n"], help=f"samples per prompt (default {d['n']})")
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
                    help=f"tokens to generate per sample (default {d['max_new_tokens']})")
@@ -75,9 +77,11 @@ def _config(args, base):
 
 def _check_model(path: Optional[str]) -> None:
     """--model must be a .gguf file or a folder holding config.json; the default model must be installed."""
-    if path is None:
-        from .models import default_model_file
+    from .models import default_model_file, resolve
 
+    if path is not None:
+        path = resolve(path)              # short names (qwen2.5-coder-0.5b, ...): ModelNotInstalledError if missing
+    if path is None:
         default_model_file()              # ModelNotInstalledError (exit status 1) with the install command
         return
     if path.endswith(".gguf"):
@@ -213,6 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ModelNotInstalledError as e:
         print(f"esamp {args.command}: error: {e}", file=sys.stderr)
         return 1
+    import esamp
+
+    esamp._load_core()   # the arguments are valid: now load torch and the extension (deferred by esamp_cli)
     try:
         return _cmd_demo(args, config) if args.command == "demo" else _cmd_generate(args, config)
     except (ModelNotInstalledError, FileNotFoundError, ValueError, NotImplementedError) as e:

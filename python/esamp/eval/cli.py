@@ -399,7 +399,9 @@ def main(argv: Optional[List[str]] = None, log=None) -> int:
     if args.n < 1:
         ap.error(f"-n: expected >= 1, got {args.n}")
     from ..models import ModelNotInstalledError
+    import esamp
 
+    esamp._load_core()   # deferred by the console script (esamp_cli) until the arguments parsed
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
