@@ -131,9 +131,10 @@ cpp_bench() {
   # issue 12: reweight B=128, V=152064, H=3584, bf16 logits / LM head / prediction (dense path: auto variant)
   build/gpu/bench_reweight_cuda --reps 50 --warmup 5 --json "$TMP/bench_reweight_cuda.json" || rc=1
   # the dense path's two variants, forced: cuBLAS GEMM + streaming pass vs the fused tensor-core kernel
-  # ((b) reweight and (g) reweight_logits without a filter: every row dense)
+  # ((b) reweight and (g) reweight_logits without a filter: every row dense; (a) min-p 0.1: no row dense, where
+  # the cuBLAS variant still runs its GEMM over all rows)
   for v in cublas fused; do
-    ESAMP_CUDA_REWEIGHT_DENSE_GEMM=$v build/gpu/bench_reweight_cuda --reps 30 --warmup 3 --cases bg \
+    ESAMP_CUDA_REWEIGHT_DENSE_GEMM=$v build/gpu/bench_reweight_cuda --reps 30 --warmup 3 --cases abg \
       --json "$TMP/bench_reweight_cuda_dense_$v.json" || rc=1
   done
   # TF32 dense mode: fp32 prediction with a bf16 LM head (no filter and min-p only)
