@@ -54,6 +54,9 @@ int dense_gemm_setting() {
   return d;
 }
 
+// torch's current cuBLAS handle when the dense path may use it (not for ESAMP_CUDA_REWEIGHT_DENSE_GEMM=fused).
+void* dense_gemm_handle(int dense_gemm) { return dense_gemm == 0 ? nullptr : at::cuda::getCurrentCUDABlasHandle(); }
+
 int distiller_engine() {
   const int e = esamp::distiller_engine_from_env();
   TORCH_CHECK(e != -2, "ESAMP_CUDA_DISTILLER_ENGINE: expected auto, simt or cublas, got '",
@@ -78,11 +81,12 @@ std::tuple<at::Tensor, at::Tensor> reweight_cuda(const at::Tensor& logits, const
   if (pr.B > 0) {
     const int dense = dense_setting();
     const int dense_gemm = dense_gemm_setting();
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, false, dense_gemm, true);
+    void* handle = dense_gemm_handle(dense_gemm);
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, false, dense_gemm, handle != nullptr);
     at::Tensor ws = workspace(ws_bytes, logits);
     check_status(esamp::reweight_cuda(pr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), ws.data_ptr(),
                                       ws_bytes, dense, current_stream(logits.device()),
-                                      at::cuda::getCurrentCUDABlasHandle(), dense_gemm),
+                                      handle, dense_gemm),
                  "reweight");
   }
   return {tokens, logprobs};
@@ -102,11 +106,11 @@ at::Tensor reweight_logits_cuda(const at::Tensor& logits, const at::Tensor& pred
   if (pr.B > 0) {
     const int dense = dense_setting();
     const int dense_gemm = dense_gemm_setting();
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, true, dense_gemm, true);
+    void* handle = dense_gemm_handle(dense_gemm);
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, true, dense_gemm, handle != nullptr);
     at::Tensor ws = workspace(ws_bytes, logits);
     check_status(esamp::reweight_logits_cuda(pr, out.data_ptr<float>(), pr.V, ws.data_ptr(), ws_bytes, dense,
-                                             current_stream(logits.device()), at::cuda::getCurrentCUDABlasHandle(),
-                                             dense_gemm),
+                                             current_stream(logits.device()), handle, dense_gemm),
                  "reweight_logits");
   }
   return out;
