@@ -14,7 +14,8 @@
 #      the CUDA parametrisations of tests/test_trainer.py;
 #   4. the issue-12 timings with the C++ benchmarks (CUDA events, medians), each against its target:
 #        reweight B=128, V=152064, H=3584, bf16: min-p 0.1 <= 3 logits reads; no filter <= cuBLAS GEMM + 2
-#        reads; beta = 0 no filter <= 2 reads (bench_reweight_cuda, baselines measured on the device);
+#        reads; beta = 0 no filter <= 2 reads (bench_reweight_cuda, baselines measured on the device); the
+#        dense path timed in both variants (ESAMP_CUDA_REWEIGHT_DENSE_GEMM=cublas / fused);
 #        distiller 8 slots x 16 rows, R=64, L=2: train step <= 60 us, predict <= 20 us, for the auto engine and
 #        both forced engines; warm start 1,024 rows of one slot in a 256-slot bank: <= 1 ms per step and
 #        <= 64 MB of workspace (bench_distiller_cuda);
@@ -127,8 +128,15 @@ fi
 cpp_bench() {
   local rc=0
   build/gpu/bench_reweight_cuda --smoke && build/gpu/bench_distiller_cuda --smoke || rc=1
-  # issue 12: reweight B=128, V=152064, H=3584, bf16 logits / LM head / prediction
+  # issue 12: reweight B=128, V=152064, H=3584, bf16 logits / LM head / prediction (dense path: auto variant)
   build/gpu/bench_reweight_cuda --reps 50 --warmup 5 --json "$TMP/bench_reweight_cuda.json" || rc=1
+  # the dense path's two variants, forced: cuBLAS GEMM + streaming pass vs the fused tensor-core kernel
+  # ((b) reweight and (g) reweight_logits without a filter: every row dense; (a) min-p 0.1: no row dense, where
+  # the cuBLAS variant still runs its GEMM over all rows)
+  for v in cublas fused; do
+    ESAMP_CUDA_REWEIGHT_DENSE_GEMM=$v build/gpu/bench_reweight_cuda --reps 30 --warmup 3 --cases abg \
+      --json "$TMP/bench_reweight_cuda_dense_$v.json" || rc=1
+  done
   # TF32 dense mode: fp32 prediction with a bf16 LM head (no filter and min-p only)
   build/gpu/bench_reweight_cuda --reps 30 --warmup 3 --pdtype f32 --cases abg \
     --json "$TMP/bench_reweight_cuda_pred_f32.json" || rc=1

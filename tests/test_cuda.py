@@ -653,6 +653,9 @@ def _params(B, g, *, beta=0.3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
             "top_p": full(top_p), "min_p": full(min_p)}
 
 
+DENSE_GEMMS = ["cublas", "fused"]  # ESAMP_CUDA_REWEIGHT_DENSE_GEMM: the two variants of the dense path
+
+
 def _compare_reweight(logits, pred, W, b, rp, seed_t, steps=4, min_agree=0.995):
     """CUDA vs CPU: candidate sets and mixed logits (reweight_logits) and tokens / logprobs (reweight)."""
     tol = m_bound(logits, pred, W, b, rp)
@@ -683,11 +686,15 @@ def _compare_reweight(logits, pred, W, b, rp, seed_t, steps=4, min_agree=0.995):
 @pytest.mark.parametrize("ldt,pdt,wdt", [(BF16, BF16, BF16), (F16, F16, F16), (BF16, F32, BF16), (F32, F32, F32),
                                          (F32, BF16, F16)])
 @pytest.mark.parametrize("mode", ["auto", "force", "off"])
-def test_reweight_dense_path_agrees_with_cpu(ldt, pdt, wdt, mode, monkeypatch):
-    """Rows without a filter and beta > 0 take the dense path (tensor-core d = pred W^T + fused epilogue);
-    bf16 x bf16 and fp16 x fp16 use 16-bit MMA, the other dtype pairs TF32 with split operands.  'force'
+@pytest.mark.parametrize("gemm", DENSE_GEMMS)
+def test_reweight_dense_path_agrees_with_cpu(ldt, pdt, wdt, mode, gemm, monkeypatch):
+    """Rows without a filter and beta > 0 take the dense path, in either variant: 'fused' (tensor-core
+    d = pred W^T + fused epilogue; bf16 x bf16 and fp16 x fp16 use 16-bit MMA, the other dtype pairs TF32 with
+    split operands) or 'cublas' (cublasGemmEx into a float32 workspace + streaming pass; pairs cuBLAS cannot
+    take exactly -- a 16-bit LM head with a prediction of another dtype -- stay on the fused kernel).  'force'
     sends every beta > 0 row (also filtered ones) through it, 'off' none."""
     monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE", mode)
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", gemm)
     B, V, H = 40, 5003, 200  # V: not a multiple of the 128-token tile; H: not of the K step
     logits, pred, W, b, g = _problem(B, V, H, ldt, pdt, wdt, 21, bias=True)
     rp = _params(B, g, beta=0.4)
@@ -700,8 +707,10 @@ def test_reweight_dense_path_agrees_with_cpu(ldt, pdt, wdt, mode, monkeypatch):
     _compare_reweight(logits, pred, W, b, rp, seed_t)
 
 
-def test_reweight_dense_rows_spread_over_row_tiles(monkeypatch):
+@pytest.mark.parametrize("gemm", DENSE_GEMMS)
+def test_reweight_dense_rows_spread_over_row_tiles(gemm, monkeypatch):
     """More than 64 dense rows (several row tiles of the dense GEMM), interleaved with sparse rows."""
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", gemm)
     B, V, H = 150, 2049, 96
     logits, pred, W, b, g = _problem(B, V, H, BF16, BF16, BF16, 22)
     rp = _params(B, g, beta=0.25)
@@ -767,7 +776,11 @@ def test_reweight_filter_paths_agree_with_cpu():
     _compare_reweight(logits, pred, W, b, rp, seed_t, steps=3)
 
 
-def test_reweight_dense_path_cuda_graph_replay():
+@pytest.mark.parametrize("gemm", DENSE_GEMMS)
+def test_reweight_dense_path_cuda_graph_replay(gemm, monkeypatch):
+    """Capture + replay of the dense path (the cuBLAS variant's GEMM runs on torch's handle, bound to the
+    capturing stream); replays match eager calls bit for bit."""
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", gemm)
     B, V, H = 24, 8000, 128
     logits, pred, W, b, g = _problem(B, V, H, BF16, BF16, BF16, 26)
     rp = _params(B, g, beta=0.3)
@@ -797,6 +810,81 @@ def test_reweight_dense_path_cuda_graph_replay():
         torch.cuda.synchronize()
         assert torch.equal(tok, eager[k][0]) and torch.equal(lp, eager[k][1]), f"replay {k}"
         assert torch.equal(mixed, mixed_eager)
+
+
+@pytest.mark.parametrize("layout", ["broadcast_pred", "strided_pred", "overlapping_pred", "strided_W",
+                                    "f32_W_bf16_pred", "f32_W_f16_pred"])
+@pytest.mark.parametrize("gemm", DENSE_GEMMS)
+def test_reweight_dense_operand_layouts_agree_with_cpu(layout, gemm, monkeypatch):
+    """Operand layouts of the dense GEMM: a broadcast prediction (row stride 0: one GEMM row), strided and
+    overlapping prediction rows (the latter copied compact for cuBLAS), strided LM-head rows (lda), and an
+    fp32 LM head with a 16-bit prediction (widened exactly to fp32 for cuBLAS).  The CPU gets contiguous
+    copies of the same values."""
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", gemm)
+    B, V, H = 24, 3001, 72
+    pdt = {"f32_W_f16_pred": F16}.get(layout, BF16)
+    wdt = F32 if layout.startswith("f32_W") else BF16
+    logits, pred, W, b, g = _problem(B, V, H, BF16, pdt, wdt, 27, bias=True)
+    if layout == "broadcast_pred":
+        pred_g = pred[:1].cuda().expand(B, H)
+    elif layout == "strided_pred":
+        pred_g = torch.zeros(B, 2 * H, dtype=pdt, device="cuda")[:, :H]
+        pred_g.copy_(pred.cuda())
+    elif layout == "overlapping_pred":
+        flat = pred.flatten()[: (B - 1) * (H // 2) + H].cuda()
+        pred_g = flat.as_strided((B, H), (H // 2, 1))
+    else:
+        pred_g = pred.cuda()
+    pred_c = pred_g.cpu().contiguous()  # the values the CUDA op sees
+    if layout == "strided_W":
+        W_g = torch.zeros(V, H + 8, dtype=wdt, device="cuda")[:, :H]
+        W_g.copy_(W.cuda())
+    else:
+        W_g = W.cuda()
+    rp = _params(B, g, beta=0.35)
+    rp["temperature"][::9] = 0.0
+    seed_t = esamp.ops.derive_row_seeds(11, B)
+    tol = m_bound(logits, pred_c, W, b, rp)
+    lg_, b_g = logits.cuda(), b.cuda()
+    r = {k: v.cuda() for k, v in rp.items()}
+    oc = run_reweight_logits("cpu", logits, pred_c, W, b, rp)
+    og = ops.reweight_logits(lg_, pred_g, W_g, lm_head_bias=b_g, **r).cpu()
+    assert torch.equal(torch.isneginf(oc), torch.isneginf(og))
+    assert_m_close(og, oc, tol)
+    agree = 0
+    for step in range(3):
+        tc, lc = run_reweight("cpu", logits, pred_c, W, b, rp, seed_t, step)
+        tg, lgp = ops.reweight(lg_, pred_g, W_g, lm_head_bias=b_g, seed=seed_t.cuda(),
+                               step=torch.full((B,), step, dtype=torch.int64, device="cuda"), **r)
+        tg, lgp = tg.cpu(), lgp.cpu()
+        same = tg == tc
+        agree += int(same.sum())
+        assert_logprobs_close(lgp[same], lc[same], tol[same], oc[same])
+    assert agree >= math.ceil(0.995 * 3 * B), f"tokens agree on {agree}/{3 * B} rows"
+
+
+def test_reweight_dense_gemm_variants_agree_with_each_other(monkeypatch):
+    """The two variants draw the same Gumbel keys (same Philox counters) and mix identically; only d differs
+    by float32 summation order, so their tokens agree as closely as each agrees with the CPU."""
+    B, V, H = 64, 6007, 160
+    logits, pred, W, b, g = _problem(B, V, H, BF16, BF16, BF16, 28, bias=True)
+    rp = _params(B, g, beta=0.3)
+    seed_t = esamp.ops.derive_row_seeds(12, B)
+    got = {}
+    for gemm in DENSE_GEMMS:
+        monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", gemm)
+        got[gemm] = [run_reweight("cuda", logits, pred, W, b, rp, seed_t, step)[0].cpu() for step in range(4)]
+    agree = sum(int((a == c).sum()) for a, c in zip(got["cublas"], got["fused"]))
+    assert agree >= math.ceil(0.995 * 4 * B), f"variants agree on {agree}/{4 * B} tokens"
+
+
+def test_bad_dense_gemm_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "tensorcore")
+    B, V, H = 2, 1500, 16
+    logits, pred, W, b, g = _problem(B, V, H, F32, F32, F32, 29)
+    rp = _params(B, g)
+    with pytest.raises(RuntimeError, match="ESAMP_CUDA_REWEIGHT_DENSE_GEMM: expected auto, fused or cublas"):
+        run_reweight_logits("cuda", logits, pred, W, None, rp)
 
 
 def test_capture_and_mix_hidden_beyond_65535_rows():

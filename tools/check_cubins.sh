@@ -2,7 +2,7 @@
 # Checks the device code and the cuBLAS linkage of the built library and FAILS unless:
 #   * for every required architecture there is a cubin of every esamp CUDA source and the kernels of every
 #     family: reweight / reweight_logits row kernels (fp32/bf16/fp16 logits each), the dense path (list,
-#     tensor-core GEMM in its three modes, finish), mix_hidden, capture, distiller forward, train step, reset,
+#     tensor-core GEMM in its three modes, finish; cuBLAS variant: prediction copy, streaming pass), mix_hidden, capture, distiller forward, train step, reset,
 #     and the trainer's counters mirror; plus PTX of the newest required architecture;
 #   * the library links cuBLAS (NEEDED libcublas, and the GEMM entry points the distiller calls);
 #   * the hot (per-step) kernels use no local memory: cuobjdump -res-usage reports STACK:0 for each of them
@@ -47,7 +47,8 @@ SYMS=$("$CO" --dump-elf-symbols "$LIB" | awk '/^arch = /{a=$3} /STO_ENTRY/{print
 
 fail=0
 need() {  # need ARCH LABEL REGEX
-  if ! grep -E "^sm_$1 " <<<"$SYMS" | grep -Eq "$3"; then
+  # (no grep -q in the pipe: its early exit would SIGPIPE the first grep and fail the pipe under pipefail)
+  if ! grep -E "^sm_$1 " <<<"$SYMS" | grep -E "$3" >/dev/null; then
     echo "MISSING: sm_$1 kernel of family '$2' (pattern $3)"
     fail=1
   fi
@@ -66,6 +67,8 @@ for a in $ARCHS; do
   done
   need "$a" "dense row list" "dense_list_kernel"
   need "$a" "dense finish" "dense_finish_kernel"
+  need "$a" "dense streaming pass (cuBLAS variant)" "dense_stream_kernel"
+  need "$a" "dense prediction copy (cuBLAS variant)" "dense_pcopy_kernel"
   need "$a" mix_hidden "mix_hidden_kernel"
   need "$a" capture "capture_kernel"
   for k in sort_kernel gather_kernel "rows_gemm_kernelILi1E" "rows_gemm_kernelILi2E" gate_fwd_kernel norm_fwd_kernel \
@@ -103,7 +106,7 @@ done
 
 # ---- hot kernels: no local memory (no register spills)
 echo "== local memory of the hot kernels (cuobjdump -res-usage)"
-HOT='row_kernel|dense_kernel|dense_finish_kernel|dense_list_kernel|rows_gemm_kernel|wgrad_kernel|gate_fwd_kernel|gate_bwd_kernel|norm_fwd_kernel|norm_stats_kernel|norm_bwd_kernel|gamma_grad_kernel|dc_kernel|small_adam_kernel|finalize_kernel|slot_prep_kernel|sort_kernel|gather_kernel|row_valid_kernel|mix_hidden_kernel|capture_kernel|stats_mirror_kernel'
+HOT='row_kernel|dense_kernel|dense_finish_kernel|dense_list_kernel|dense_stream_kernel|dense_pcopy_kernel|rows_gemm_kernel|wgrad_kernel|gate_fwd_kernel|gate_bwd_kernel|norm_fwd_kernel|norm_stats_kernel|norm_bwd_kernel|gamma_grad_kernel|dc_kernel|small_adam_kernel|finalize_kernel|slot_prep_kernel|sort_kernel|gather_kernel|row_valid_kernel|mix_hidden_kernel|capture_kernel|stats_mirror_kernel'
 RES=$("$CO" -res-usage "$LIB" 2>&1 | awk '
   /^arch = /{arch=$3}
   /Function [^ ]+:$/{fn=$2; sub(/:$/, "", fn); next}

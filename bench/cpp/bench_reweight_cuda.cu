@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "esamp/common.h"
+#include "esamp/cuda_plan.h"
 #include "esamp/philox.h"
 #include "esamp/sampling.h"
 #include "bench_util.h"
@@ -167,7 +168,14 @@ int main(int argc, char** argv) {
   pr.weight_dtype = wdt;
   pr.weight_stride = H;
   pr.p = {beta, T, top_k, top_p, min_p, seed, step};
-  const size_t wsb = std::max(reweight_cuda_workspace_bytes(pr, -1, false), reweight_cuda_workspace_bytes(pr, -1, true));
+  // dense path variant: ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto | fused | cublas (the handle below is passed)
+  const int dense_gemm = reweight_dense_gemm_from_env();
+  if (dense_gemm == -2) {
+    std::printf("ESAMP_CUDA_REWEIGHT_DENSE_GEMM: expected auto, fused or cublas\n");
+    return 2;
+  }
+  const size_t wsb = std::max(reweight_cuda_workspace_bytes(pr, -1, false, dense_gemm, true),
+                              reweight_cuda_workspace_bytes(pr, -1, true, dense_gemm, true));
   void* ws = dalloc<char>(wsb);
 
   // ---- baselines: one read of the logits, the d = pred W^T GEMM (cuBLAS)
@@ -202,6 +210,8 @@ int main(int argc, char** argv) {
               "warm-up (CUDA events), workspace %.1f MB\n",
               prop.name, prop.multiProcessorCount, (long long)B, (long long)V, (long long)H, ld.c_str(), wd.c_str(),
               pd.c_str(), reps, warmup, wsb / 1e6);
+  std::printf("dense path variant (ESAMP_CUDA_REWEIGHT_DENSE_GEMM): %s\n",
+              dense_gemm == 0 ? "fused" : (dense_gemm == 1 ? "cublas" : "auto"));
   std::printf("baselines: one logits read %.1f us (%.0f GB/s); cuBLAS d = pred W^T %s\n", read_us,
               lbytes / (read_us * 1e-6) / 1e9,
               gemm_us > 0 ? (std::to_string(gemm_us) + " us").c_str() : "n/a (mixed dtypes)");
@@ -225,6 +235,7 @@ int main(int argc, char** argv) {
   std::string js = "{\"bench\": \"reweight_cuda\", \"device\": \"" + std::string(prop.name) +
                    "\", \"B\": " + std::to_string(B) + ", \"V\": " + std::to_string(V) + ", \"H\": " +
                    std::to_string(H) + ", \"logits\": \"" + ld + "\", \"weight\": \"" + wd + "\", \"pred\": \"" + pd +
+                   "\", \"dense_gemm\": \"" + std::string(dense_gemm == 0 ? "fused" : (dense_gemm == 1 ? "cublas" : "auto")) +
                    "\", \"one_read_us\": " + std::to_string(read_us) + ", \"gemm_us\": " + std::to_string(gemm_us) +
                    ", \"cases\": [";
   bool first = true;
@@ -238,7 +249,7 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(min_p, hm.data(), B * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(top_k, hk.data(), B * 8, cudaMemcpyHostToDevice));
     // candidate-set sizes (reweight_logits) and a validity check of the outputs
-    Status st = reweight_logits_cuda(pr, mixed, V, ws, wsb, -1, stream);
+    Status st = reweight_logits_cuda(pr, mixed, V, ws, wsb, -1, stream, h, dense_gemm);
     if (st != Status::kOk) {
       std::printf("reweight_logits_cuda failed: %s\n", status_string(st));
       return 1;
@@ -256,8 +267,8 @@ int main(int argc, char** argv) {
     Status run_st = Status::kOk;
     const std::vector<double> us = time_us(
         [&] {
-          const Status s2 = c.logits_out ? reweight_logits_cuda(pr, mixed, V, ws, wsb, -1, stream)
-                                         : reweight_cuda(pr, tokens, logprobs, ws, wsb, -1, stream);
+          const Status s2 = c.logits_out ? reweight_logits_cuda(pr, mixed, V, ws, wsb, -1, stream, h, dense_gemm)
+                                         : reweight_cuda(pr, tokens, logprobs, ws, wsb, -1, stream, h, dense_gemm);
           if (s2 != Status::kOk) run_st = s2;
         },
         stream, warmup, reps);

@@ -57,6 +57,15 @@
 //                   per 64 dense rows; the epilogue reads the logits tile, mixes, draws the keys and
 //                   reduces the tile to (best key, arg max z, logsumexp) -- reweight_logits writes m.
 //     finish      : merges the tiles of each dense row in tile order (reweight only).
+//   or, cuBLAS variant (ESAMP_CUDA_REWEIGHT_DENSE_GEMM, default where cuBLAS takes the operands exactly;
+//   plan_dense_gemm in esamp/cuda_plan.h):
+//     list        : as above.
+//     GEMM        : cublasGemmEx D = pred . W^T over all B rows (the host cannot know which rows are dense),
+//                   float32 output in the workspace, fp32 accumulation (PEDANTIC for fp32 operands: no TF32).
+//     stream      : one warp per (dense row, 1024-token tile): reads the logits and D once, and applies the
+//                   same per-token step as the fused epilogue (dense_tokens4 in reweight_dense.cu: bias,
+//                   mix, candidacy, Philox words of 4 ids, exact key pruning); reweight_logits writes m.
+//     finish      : as above, over the 1024-token tiles.
 // The arg max of z is always a candidate because every threshold is <= the maximum.
 //
 // Files: reweight.cu (this file: plan, workspace, launch order), reweight_common.cuh (shared device
@@ -97,19 +106,27 @@ Status check_problem(const ReweightProblem& pr, bool need_rng) {
   return Status::kOk;
 }
 
-ReweightPlan make_plan(const ReweightProblem& pr, int max_cluster, int dense) {
+ReweightPlan make_plan(const ReweightProblem& pr, int max_cluster, int dense, int dense_gemm, bool have_cublas) {
   DeviceInfo di = device_info_base();
   di.max_cluster = max_cluster;
   ReweightPlanOptions o;
   o.dense = dense;
+  o.dense_gemm = dense_gemm;
+  o.have_cublas = have_cublas;
+  o.pred_dtype = pr.pred_dtype;
+  o.weight_dtype = pr.weight_dtype;
+  o.pred_stride = pr.pred_stride;
+  o.weight_stride = pr.weight_stride;
   return plan_reweight(pr.B, pr.V, pr.H, di, o);
 }
 
 Status launch(bool kout, const ReweightProblem& pr, int64_t* tokens, float* logprobs, float* out, int64_t out_stride,
-              void* workspace, size_t workspace_bytes, int dense, cudaStream_t stream) {
+              void* workspace, size_t workspace_bytes, int dense, cudaStream_t stream, void* cublas_handle,
+              int dense_gemm) {
+  if (dense_gemm < -1 || dense_gemm > 1) return Status::kInvalidArgument;
   const int mc = prepare_any(pr.logits_dtype, kout);
   if (mc < 1) return Status::kCudaError;
-  const ReweightPlan p = make_plan(pr, mc, dense);
+  const ReweightPlan p = make_plan(pr, mc, dense, dense_gemm, cublas_handle != nullptr);
   if (!p.ok) return Status::kInvalidArgument;
   if (workspace_bytes < p.bytes) return Status::kWorkspaceTooSmall;
   if (!workspace || (reinterpret_cast<uintptr_t>(workspace) & 255u) != 0) return Status::kInvalidArgument;
@@ -157,31 +174,45 @@ Status launch(bool kout, const ReweightProblem& pr, int64_t* tokens, float* logp
   g.p_vec = aligned16(pr.pred) && (pr.B == 1 || (pr.pred_stride * pes) % 16 == 0);
   g.l_vec = cfg.logits_vec_ok;
   g.o_vec = cfg.out_vec_ok;
+  g.d = nullptr;
+  g.d_stride = 0;
+  if (p.gemm == DenseGemm::kCublas) {
+    float* d = reinterpret_cast<float*>(ws + p.off_d);
+    g.n_vtiles = p.n_stiles;
+    g.d = d;
+    g.d_stride = p.dg.d_rows == 1 && pr.B > 1 ? 0 : p.dg.ldd;
+    return rw_detail::launch_dense_cublas(g, p.dg, cublas_handle, d, ws + p.off_pcopy, pr.B, p.stream_grid, tokens,
+                                          logprobs, stream);
+  }
   return rw_detail::launch_dense(g, pr.B, p.dense_grid, tokens, logprobs, stream);
 }
 
 }  // namespace
 
-size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr, int dense, bool logits_out) {
+size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr, int dense, bool logits_out, int dense_gemm,
+                                     bool have_cublas) {
   if (pr.B <= 0 || pr.V < 1 || pr.H < 1) return 0;
   const int mc = prepare_any(pr.logits_dtype, logits_out);
-  return make_plan(pr, mc < 1 ? 1 : mc, dense).bytes;
+  return make_plan(pr, mc < 1 ? 1 : mc, dense, dense_gemm, have_cublas).bytes;
 }
 
 Status reweight_cuda(const ReweightProblem& pr, int64_t* tokens, float* logprobs, void* workspace,
-                     size_t workspace_bytes, int dense, cudaStream_t stream) {
+                     size_t workspace_bytes, int dense, cudaStream_t stream, void* cublas_handle, int dense_gemm) {
   Status s = check_problem(pr, true);
   if (s != Status::kOk || pr.B == 0) return s;
   if (!tokens || !logprobs) return Status::kInvalidArgument;
-  return launch(false, pr, tokens, logprobs, nullptr, 0, workspace, workspace_bytes, dense, stream);
+  return launch(false, pr, tokens, logprobs, nullptr, 0, workspace, workspace_bytes, dense, stream, cublas_handle,
+                dense_gemm);
 }
 
 Status reweight_logits_cuda(const ReweightProblem& pr, float* out, int64_t out_stride, void* workspace,
-                            size_t workspace_bytes, int dense, cudaStream_t stream) {
+                            size_t workspace_bytes, int dense, cudaStream_t stream, void* cublas_handle,
+                            int dense_gemm) {
   Status s = check_problem(pr, false);
   if (s != Status::kOk || pr.B == 0) return s;
   if (!out || (pr.B > 1 && out_stride < pr.V)) return Status::kInvalidArgument;
-  return launch(true, pr, nullptr, nullptr, out, out_stride, workspace, workspace_bytes, dense, stream);
+  return launch(true, pr, nullptr, nullptr, out, out_stride, workspace, workspace_bytes, dense, stream,
+                cublas_handle, dense_gemm);
 }
 
 }  // namespace esamp

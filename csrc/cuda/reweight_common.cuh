@@ -39,9 +39,11 @@ struct DenseArgs {
   RwDensePartial* partials;
   float* out;  // reweight_logits
   int64_t out_stride;
-  int64_t n_vtiles;
+  int64_t n_vtiles;  // token tiles (= partials) per dense row: 128-token GEMM tiles, or 1024-token stream tiles
   int kout;
   int w_vec, p_vec, l_vec, o_vec;
+  const float* d;    // cuBLAS variant: D[., d_stride] float32 = pred . W^T (no bias); row r at r * d_stride
+  int64_t d_stride;  // 0 for a broadcast prediction (one GEMM row)
 };
 
 // Host entry points of the translation units (reweight_row_{f32,bf16,f16}.cu, reweight_dense.cu).
@@ -56,6 +58,9 @@ Status launch_row_f16(bool out, const ReweightProblem& pr, int64_t* tokens, floa
                       int64_t out_stride, const RowCfg& cfg, size_t smem, cudaStream_t stream);
 size_t row_smem_bytes(bool pred_in_smem, int64_t Hp);
 Status launch_dense(const DenseArgs& g, int64_t B, unsigned grid, int64_t* tokens, float* logprobs, cudaStream_t stream);
+// cuBLAS variant: list, [pred copy], GEMM pieces into g.d, streaming pass, finish (reweight only).
+Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cublas_handle, float* d, void* pcopy,
+                           int64_t B, unsigned stream_grid, int64_t* tokens, float* logprobs, cudaStream_t stream);
 
 }  // namespace rw_detail
 

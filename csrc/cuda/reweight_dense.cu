@@ -1,6 +1,10 @@
 // The dense path of reweight / reweight_logits (rows with beta > 0 and a large candidate set): the list of
-// dense rows, the tensor-core GEMM d = pred . W^T with the fused mix / Gumbel-max / logsumexp epilogue, and
-// the per-row merge of its token tiles.  The design is described at the top of reweight.cu.
+// dense rows, then either the tensor-core GEMM d = pred . W^T with the fused mix / Gumbel-max / logsumexp
+// epilogue ("fused"), or one cuBLAS GEMM into a float32 workspace D followed by a streaming pass over the
+// dense rows ("cublas"), and the per-row merge of the token tiles.  Both variants apply the same per-token
+// step (dense_tokens4), so they draw the same Gumbel keys and mix identically.  The design is described at
+// the top of reweight.cu and in docs/architecture.md.
+#include <cublas_v2.h>
 #include <mma.h>
 
 #include "reweight_common.cuh"
@@ -27,6 +31,120 @@ __global__ void __launch_bounds__(1024) dense_list_kernel(const RwRowInfo* __res
 }
 
 
+
+// ------------------------------------------------------------------------------------------------
+// The per-token step shared by both variants
+// ------------------------------------------------------------------------------------------------
+struct DenseRow {
+  RwRowInfo in;
+  float T, beta;
+  uint64_t seed, step;
+  const void* lrow;
+  float* orow;
+};
+
+__device__ __forceinline__ DenseRow dense_row(const DenseArgs& g, int64_t r) {
+  const ReweightProblem& pr = g.pr;
+  DenseRow w;
+  w.in = g.info[r];
+  w.T = pr.p.temperature[r];
+  float beta = pr.p.beta[r];
+  if (!(beta > 0.0f) || !(beta <= FLT_MAX)) beta = 0.0f;
+  w.beta = beta;
+  w.seed = g.kout ? 0ull : static_cast<uint64_t>(pr.p.seed[r]);
+  w.step = g.kout ? 0ull : static_cast<uint64_t>(pr.p.step[r]);
+  w.lrow = static_cast<const char*>(pr.logits) + r * pr.logits_stride * dtype_size(pr.logits_dtype);
+  w.orow = g.kout ? g.out + r * g.out_stride : nullptr;
+  return w;
+}
+
+// Logits vb .. vb + 3 of a row (NaN past V).
+__device__ __forceinline__ void dense_logits4(const DenseArgs& g, const void* lrow, int64_t vb, float* l) {
+  const ReweightProblem& pr = g.pr;
+  const int64_t V = pr.V;
+  if (g.l_vec && vb + 4 <= V && pr.logits_dtype == DType::kF32) {
+    const float4 t = *reinterpret_cast<const float4*>(static_cast<const float*>(lrow) + vb);
+    l[0] = t.x;
+    l[1] = t.y;
+    l[2] = t.z;
+    l[3] = t.w;
+  } else if (g.l_vec && vb + 4 <= V) {  // 4 16-bit logits: one 8-byte load
+    const uint2 t = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(lrow) + vb);
+    const uint16_t h[4] = {static_cast<uint16_t>(t.x & 0xffffu), static_cast<uint16_t>(t.x >> 16),
+                           static_cast<uint16_t>(t.y & 0xffffu), static_cast<uint16_t>(t.y >> 16)};
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      l[e] = pr.logits_dtype == DType::kBF16 ? bf16_bits_to_float(h[e]) : f16_bits_to_float(h[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l[e] = vb + e < V ? load_as_float(lrow, pr.logits_dtype, vb + e) : NAN;
+  }
+}
+
+// Tokens vb .. vb + 3 (vb % 4 == 0, vb < V) of a dense row with logits l and dot products d = pred . W_v (no
+// bias): candidacy from the row kernel's thresholds, the z arg max, bias, mix; then reweight_logits writes m
+// (-inf off the candidate set) and reweight adds the logsumexp terms and the Gumbel keys (the Philox words of
+// the 4 ids from one call, keys only evaluated when they can still win: exact, as on the CPU).
+__device__ __forceinline__ void dense_tokens4(const DenseArgs& g, const DenseRow& w, int64_t vb, const float* l,
+                                              const float* d, SampleState& st) {
+  const ReweightProblem& pr = g.pr;
+  const int64_t V = pr.V;
+  float mm[4];
+  bool cand[4];
+  unsigned any = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float z = zval(l[e], w.T);
+    cand[e] = vb + e < V && z > -INFINITY && z >= w.in.theta && (!w.in.topp || expf(z - w.in.zmax) >= w.in.wtau);
+    mm[e] = -INFINITY;
+    if (cand[e]) {
+      st.add_z(z, static_cast<int>(vb + e));
+      float de = d[e];
+      if (pr.bias) de = __fadd_rn(de, load_as_float(pr.bias, pr.bias_dtype, vb + e));
+      mm[e] = mix(l[e], de, w.beta, w.T);
+      any |= mm[e] != -INFINITY ? 1u : 0u;
+    }
+  }
+  if (g.kout) {
+    if (g.o_vec && vb + 4 <= V) {
+      *reinterpret_cast<float4*>(w.orow + vb) = make_float4(cand[0] ? mm[0] : -INFINITY, cand[1] ? mm[1] : -INFINITY,
+                                                            cand[2] ? mm[2] : -INFINITY, cand[3] ? mm[3] : -INFINITY);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (vb + e < V) w.orow[vb + e] = cand[e] ? mm[e] : -INFINITY;
+    }
+    return;
+  }
+  if (!any) return;
+  bool need = st.id < 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (mm[e] == -INFINITY) continue;
+    st.add_lse(mm[e]);
+    need = need || mm[e] + kGumbelBound >= st.key;
+  }
+  if (!need) return;
+  const U32x4 wd = gumbel_words(w.seed, w.step, static_cast<uint32_t>(static_cast<uint64_t>(vb) >> 2));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (mm[e] == -INFINITY) continue;
+    if (!(mm[e] + kGumbelBound >= st.key) && st.id >= 0) continue;
+    st.add_key(mm[e] + gumbel_from_word(wd.v[e]), mm[e], static_cast<int>(vb + e));
+  }
+}
+
+__device__ __forceinline__ RwDensePartial to_partial(const SampleState& st) {
+  RwDensePartial pt;
+  pt.key = st.key;
+  pt.m = st.m;
+  pt.id = st.id;
+  pt.zb = st.zb;
+  pt.zid = st.zid;
+  pt.mx = st.mx;
+  pt.s = st.s;
+  return pt;
+}
 
 namespace wm = nvcuda::wmma;
 
@@ -226,98 +344,87 @@ __global__ void __launch_bounds__(kDenseThreads) dense_kernel(const DenseArgs g)
     SampleState st;
     st.init();
     if (i < nr) {
-      const int64_t r = g.rows[r0 + i];
-      const RwRowInfo in = g.info[r];
-      const float T = pr.p.temperature[r];
-      float beta = pr.p.beta[r];
-      if (!(beta > 0.0f) || !(beta <= FLT_MAX)) beta = 0.0f;
-      const uint64_t useed = g.kout ? 0ull : static_cast<uint64_t>(pr.p.seed[r]);
-      const uint64_t ustep = g.kout ? 0ull : static_cast<uint64_t>(pr.p.step[r]);
-      const void* lrow = static_cast<const char*>(pr.logits) + r * pr.logits_stride * dtype_size(pr.logits_dtype);
-      float* orow = g.kout ? g.out + r * g.out_stride : nullptr;
+      const DenseRow w = dense_row(g, g.rows[r0 + i]);
 #pragma unroll 1
       for (int q = 0; q < 8; ++q) {
         const int64_t vb = v0 + c0 + 4 * q;
         if (vb >= V) break;
-        float l[4], mm[4];
-        bool cand[4];
-        if (g.l_vec && vb + 4 <= V && pr.logits_dtype == DType::kF32) {
-          const float4 t = *reinterpret_cast<const float4*>(static_cast<const float*>(lrow) + vb);
-          l[0] = t.x;
-          l[1] = t.y;
-          l[2] = t.z;
-          l[3] = t.w;
-        } else if (g.l_vec && vb + 4 <= V) {  // 4 16-bit logits: one 8-byte load
-          const uint2 t = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(lrow) + vb);
-          const uint16_t h[4] = {static_cast<uint16_t>(t.x & 0xffffu), static_cast<uint16_t>(t.x >> 16),
-                                 static_cast<uint16_t>(t.y & 0xffffu), static_cast<uint16_t>(t.y >> 16)};
+        float l[4], d[4];
+        dense_logits4(g, w.lrow, vb, l);
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            l[e] = pr.logits_dtype == DType::kBF16 ? bf16_bits_to_float(h[e]) : f16_bits_to_float(h[e]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) l[e] = vb + e < V ? load_as_float(lrow, pr.logits_dtype, vb + e) : NAN;
-        }
-        unsigned any = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float z = zval(l[e], T);
-          cand[e] = vb + e < V && z > -INFINITY && z >= in.theta && (!in.topp || expf(z - in.zmax) >= in.wtau);
-          mm[e] = -INFINITY;
-          if (cand[e]) {
-            st.add_z(z, static_cast<int>(vb + e));
-            float d = sm.D[i][c0 + 4 * q + e];
-            if (pr.bias) d = __fadd_rn(d, load_as_float(pr.bias, pr.bias_dtype, vb + e));
-            mm[e] = mix(l[e], d, beta, T);
-            any |= mm[e] != -INFINITY ? 1u : 0u;
-          }
-        }
-        if (g.kout) {
-          if (g.o_vec && vb + 4 <= V) {
-            *reinterpret_cast<float4*>(orow + vb) = make_float4(cand[0] ? mm[0] : -INFINITY, cand[1] ? mm[1] : -INFINITY,
-                                                               cand[2] ? mm[2] : -INFINITY, cand[3] ? mm[3] : -INFINITY);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (vb + e < V) orow[vb + e] = cand[e] ? mm[e] : -INFINITY;
-          }
-          continue;
-        }
-        if (!any) continue;
-        bool need = st.id < 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (mm[e] == -INFINITY) continue;
-          st.add_lse(mm[e]);
-          need = need || mm[e] + kGumbelBound >= st.key;
-        }
-        if (!need) continue;
-        const U32x4 wd = gumbel_words(useed, ustep, static_cast<uint32_t>(static_cast<uint64_t>(vb) >> 2));
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (mm[e] == -INFINITY) continue;
-          if (!(mm[e] + kGumbelBound >= st.key) && st.id >= 0) continue;
-          st.add_key(mm[e] + gumbel_from_word(wd.v[e]), mm[e], static_cast<int>(vb + e));
-        }
+        for (int e = 0; e < 4; ++e) d[e] = sm.D[i][c0 + 4 * q + e];
+        dense_tokens4(g, w, vb, l, d, st);
       }
     }
     if (!g.kout) {
       // the 4 threads of a row are consecutive lanes: merge them (fixed pattern), lane 4i writes
       st.shfl_merge(1);
       st.shfl_merge(2);
-      if ((lane & 3) == 0 && i < nr) {
-        RwDensePartial pt;
-        pt.key = st.key;
-        pt.m = st.m;
-        pt.id = st.id;
-        pt.zb = st.zb;
-        pt.zid = st.zid;
-        pt.mx = st.mx;
-        pt.s = st.s;
-        g.partials[static_cast<int64_t>(r0 + i) * g.n_vtiles + vt] = pt;
-      }
+      if ((lane & 3) == 0 && i < nr) g.partials[static_cast<int64_t>(r0 + i) * g.n_vtiles + vt] = to_partial(st);
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// cuBLAS variant: prediction copy (compact rows / exact widening to float32) and the streaming pass
+// ------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(256) dense_pcopy_kernel(const void* __restrict__ pred, DType pdt, int64_t pstride,
+                                                          int64_t rows, int64_t H, DType odt, void* __restrict__ out) {
+  const int64_t n = rows * H;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / H, k = i - r * H;
+    const int64_t src = r * pstride + k;
+    if (odt == DType::kF32) {
+      static_cast<float*>(out)[i] = load_as_float(pred, pdt, src);  // exact for every input dtype
+    } else {
+      static_cast<uint16_t*>(out)[i] = static_cast<const uint16_t*>(pred)[src];  // same 16-bit dtype: the bits
+    }
+  }
+}
+
+// One warp per (dense row j, 1024-token tile t): 8 steps of 128 tokens (4 per lane, coalesced 16-byte loads of
+// D), the per-token step of the fused epilogue, then a fixed-order warp merge into partials[j, t].
+__global__ void __launch_bounds__(kDenseStreamThreads) dense_stream_kernel(const DenseArgs g) {
+  const int lane = threadIdx.x & 31;
+  const int64_t V = g.pr.V;
+  const int n_dense = g.meta[0];
+  const int64_t n_items = static_cast<int64_t>(n_dense) * g.n_vtiles;
+  const int64_t wpb = blockDim.x >> 5;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); item < n_items;
+       item += static_cast<int64_t>(gridDim.x) * wpb) {
+    const int j = static_cast<int>(item / g.n_vtiles);
+    const int64_t t = item - static_cast<int64_t>(j) * g.n_vtiles;
+    const int64_t r = g.rows[j];
+    const DenseRow w = dense_row(g, r);
+    const float* drow = g.d + r * g.d_stride;
+    SampleState st;
+    st.init();
+    const int64_t v0 = t * kDenseStreamTile;
+#pragma unroll 1
+    for (int q = 0; q < kDenseStreamTile / 128; ++q) {
+      const int64_t vb = v0 + q * 128 + lane * 4;
+      if (vb >= V) break;
+      float l[4], d[4];
+      dense_logits4(g, w.lrow, vb, l);
+      // D rows are 16-byte aligned with a stride that is a multiple of 4 >= V: vb .. vb + 3 are in the row
+      const float4 dq = __ldcs(reinterpret_cast<const float4*>(drow + vb));
+      d[0] = dq.x;
+      d[1] = dq.y;
+      d[2] = dq.z;
+      d[3] = dq.w;
+      dense_tokens4(g, w, vb, l, d, st);
+    }
+    if (!g.kout) {
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) st.shfl_merge(o);
+      if (lane == 0) g.partials[static_cast<int64_t>(j) * g.n_vtiles + t] = to_partial(st);
+    }
+  }
+}
+
+cudaDataType_t cuda_dtype(DType d) {
+  return d == DType::kF32 ? CUDA_R_32F : (d == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F);
 }
 
 // Merges the token tiles of each dense row (in tile order per thread, then threads in a fixed order).
@@ -360,9 +467,7 @@ __global__ void __launch_bounds__(256) dense_finish_kernel(const int* __restrict
 namespace rw_detail {
 Status launch_dense(const DenseArgs& g, int64_t B, unsigned grid, int64_t* tokens, float* logprobs,
                     cudaStream_t stream) {
-  int* rows = const_cast<int*>(g.rows);
-  int* meta = const_cast<int*>(g.meta);
-  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, rows, meta);
+  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, const_cast<int*>(g.rows), const_cast<int*>(g.meta));
   ESAMP_LAUNCH_TRY();
   const ReweightProblem& pr = g.pr;
   if (pr.pred_dtype == DType::kBF16 && pr.weight_dtype == DType::kBF16) {
@@ -372,6 +477,49 @@ Status launch_dense(const DenseArgs& g, int64_t B, unsigned grid, int64_t* token
   } else {
     dense_kernel<2><<<grid, kDenseThreads, 0, stream>>>(g);
   }
+  ESAMP_LAUNCH_TRY();
+  if (!g.kout) {
+    dense_finish_kernel<<<persistent_grid(B, 4), 256, 0, stream>>>(g.rows, g.meta, g.partials, g.n_vtiles, tokens,
+                                                                  logprobs);
+    ESAMP_LAUNCH_TRY();
+  }
+  return Status::kOk;
+}
+
+Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cublas_handle, float* d, void* pcopy,
+                           int64_t B, unsigned stream_grid, int64_t* tokens, float* logprobs, cudaStream_t stream) {
+  const ReweightProblem& pr = g.pr;
+  if (!dg.cublas || !cublas_handle || !d || (dg.copy_pred && !pcopy)) return Status::kInvalidArgument;
+  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, const_cast<int*>(g.rows), const_cast<int*>(g.meta));
+  ESAMP_LAUNCH_TRY();
+  const void* P = pr.pred;
+  if (dg.copy_pred) {
+    dense_pcopy_kernel<<<persistent_grid((dg.d_rows * pr.H + 255) / 256, 4), 256, 0, stream>>>(
+        pr.pred, pr.pred_dtype, pr.B == 1 ? 0 : pr.pred_stride, dg.d_rows, pr.H, dg.op_dtype, pcopy);
+    ESAMP_LAUNCH_TRY();
+    P = pcopy;
+  }
+  // Row-major D[r, v] = P[r] . W[v]: column-major D^T [V, rows] = W^T . P^T, i.e. op(A) = (W as H x V)^T.
+  cublasHandle_t h = static_cast<cublasHandle_t>(cublas_handle);
+  const cudaDataType_t t = cuda_dtype(dg.op_dtype);
+  const cublasComputeType_t ct = dg.pedantic ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
+  const int64_t es = dtype_size(dg.op_dtype), ws = pr.weight_stride;
+  const float one = 1.0f, zero = 0.0f;
+  for (int64_t b0 = 0; b0 < dg.d_rows; b0 += dg.b_chunk) {
+    const int64_t nb = dg.d_rows - b0 < dg.b_chunk ? dg.d_rows - b0 : dg.b_chunk;
+    for (int64_t v0 = 0; v0 < pr.V; v0 += dg.v_chunk) {
+      const int64_t nv = pr.V - v0 < dg.v_chunk ? pr.V - v0 : dg.v_chunk;
+      const void* A = static_cast<const char*>(pr.weight) + v0 * ws * es;
+      const void* Bp = static_cast<const char*>(P) + b0 * dg.ldp * es;
+      float* C = d + b0 * dg.ldd + v0;
+      const cublasStatus_t cs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nv), static_cast<int>(nb),
+                                             static_cast<int>(pr.H), &one, A, t, static_cast<int>(ws), Bp, t,
+                                             static_cast<int>(dg.ldp), &zero, C, CUDA_R_32F,
+                                             static_cast<int>(dg.ldd), ct, CUBLAS_GEMM_DEFAULT);
+      if (cs != CUBLAS_STATUS_SUCCESS) return Status::kCublasError;
+    }
+  }
+  dense_stream_kernel<<<stream_grid, kDenseStreamThreads, 0, stream>>>(g);
   ESAMP_LAUNCH_TRY();
   if (!g.kout) {
     dense_finish_kernel<<<persistent_grid(B, 4), 256, 0, stream>>>(g.rows, g.meta, g.partials, g.n_vtiles, tokens,

@@ -7,9 +7,10 @@
 // csrc/cuda/reweight.cu and csrc/cuda/distiller.cu.
 //
 // The distiller gets torch's current cuBLAS handle (bound to the current stream, with torch's workspace
-// for that stream, so its GEMMs are graph-capturable).  Engine choices are made by the plans of
-// esamp/cuda_plan.h; ESAMP_CUDA_DISTILLER_ENGINE=auto|simt|cublas and ESAMP_CUDA_REWEIGHT_DENSE=auto|off|force
-// override them for tests and measurements.
+// for that stream, so its GEMMs are graph-capturable); so does the cuBLAS variant of the reweight dense path.
+// Engine choices are made by the plans of esamp/cuda_plan.h; ESAMP_CUDA_DISTILLER_ENGINE=auto|simt|cublas,
+// ESAMP_CUDA_REWEIGHT_DENSE=auto|off|force and ESAMP_CUDA_REWEIGHT_DENSE_GEMM=auto|fused|cublas override them
+// for tests and measurements.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -46,6 +47,16 @@ int dense_setting() {
   return d;
 }
 
+int dense_gemm_setting() {
+  const int d = esamp::reweight_dense_gemm_from_env();
+  TORCH_CHECK(d != -2, "ESAMP_CUDA_REWEIGHT_DENSE_GEMM: expected auto, fused or cublas, got '",
+              std::getenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM"), "'");
+  return d;
+}
+
+// torch's current cuBLAS handle when the dense path may use it (not for ESAMP_CUDA_REWEIGHT_DENSE_GEMM=fused).
+void* dense_gemm_handle(int dense_gemm) { return dense_gemm == 0 ? nullptr : at::cuda::getCurrentCUDABlasHandle(); }
+
 int distiller_engine() {
   const int e = esamp::distiller_engine_from_env();
   TORCH_CHECK(e != -2, "ESAMP_CUDA_DISTILLER_ENGINE: expected auto, simt or cublas, got '",
@@ -69,10 +80,13 @@ std::tuple<at::Tensor, at::Tensor> reweight_cuda(const at::Tensor& logits, const
   at::Tensor logprobs = at::empty({pr.B}, logits.options().dtype(at::kFloat));
   if (pr.B > 0) {
     const int dense = dense_setting();
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, false);
+    const int dense_gemm = dense_gemm_setting();
+    void* handle = dense_gemm_handle(dense_gemm);
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, false, dense_gemm, handle != nullptr);
     at::Tensor ws = workspace(ws_bytes, logits);
     check_status(esamp::reweight_cuda(pr, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), ws.data_ptr(),
-                                      ws_bytes, dense, current_stream(logits.device())),
+                                      ws_bytes, dense, current_stream(logits.device()),
+                                      handle, dense_gemm),
                  "reweight");
   }
   return {tokens, logprobs};
@@ -91,10 +105,12 @@ at::Tensor reweight_logits_cuda(const at::Tensor& logits, const at::Tensor& pred
   at::Tensor out = at::empty({pr.B, pr.V}, logits.options().dtype(at::kFloat));
   if (pr.B > 0) {
     const int dense = dense_setting();
-    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, true);
+    const int dense_gemm = dense_gemm_setting();
+    void* handle = dense_gemm_handle(dense_gemm);
+    const size_t ws_bytes = esamp::reweight_cuda_workspace_bytes(pr, dense, true, dense_gemm, handle != nullptr);
     at::Tensor ws = workspace(ws_bytes, logits);
     check_status(esamp::reweight_logits_cuda(pr, out.data_ptr<float>(), pr.V, ws.data_ptr(), ws_bytes, dense,
-                                             current_stream(logits.device())),
+                                             current_stream(logits.device()), handle, dense_gemm),
                  "reweight_logits");
   }
   return out;

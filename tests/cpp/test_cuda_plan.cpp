@@ -299,7 +299,161 @@ static void test_reweight_plans() {
          sizeof(RwRowInfo));
 }
 
+// The cuBLAS variant of the dense path: which operands it takes, its pieces (every operand of one
+// cublasGemmEx call spans at most 2^31 - 1 elements and every piece is covered once), and the workspace.
+static ReweightPlanOptions gemm_opts(DType pd, DType wd, int64_t ps, int64_t ws, int gemm = -1, bool have = true) {
+  ReweightPlanOptions o;
+  o.dense_gemm = gemm;
+  o.have_cublas = have;
+  o.pred_dtype = pd;
+  o.weight_dtype = wd;
+  o.pred_stride = ps;
+  o.weight_stride = ws;
+  return o;
+}
+
+static void check_pieces(const DenseGemmPlan& g, int64_t V, int64_t H, int64_t ws, const char* what) {
+  const int64_t imax = 2147483647;
+  EXPECT(g.v_chunk >= 1 && g.b_chunk >= 1 && g.ldd >= V && g.ldd % 4 == 0 && g.ldd <= imax, "%s: chunks", what);
+  int64_t calls = 0, covered_v = 0, covered_b = 0;
+  for (int64_t b0 = 0; b0 < g.d_rows; b0 += g.b_chunk) {
+    const int64_t nb = std::min(g.b_chunk, g.d_rows - b0);
+    covered_b += nb;
+    for (int64_t v0 = 0; v0 < V; v0 += g.v_chunk) {
+      const int64_t nv = std::min(g.v_chunk, V - v0);
+      if (b0 == 0) covered_v += nv;
+      ++calls;
+      EXPECT(nv <= imax && nb <= imax && H <= imax && ws <= imax && g.ldp <= imax, "%s: int sizes", what);
+      EXPECT((nv - 1) * ws + H <= imax, "%s: W piece spans %lld elements", what, (long long)((nv - 1) * ws + H));
+      EXPECT((nb - 1) * g.ldp + H <= imax, "%s: pred piece", what);
+      EXPECT((nb - 1) * g.ldd + nv <= imax, "%s: D piece spans %lld elements", what, (long long)((nb - 1) * g.ldd + nv));
+      EXPECT(ws >= H && g.ldp >= H && g.ldd >= nv, "%s: leading dimensions", what);
+    }
+  }
+  EXPECT(covered_v == V && covered_b == g.d_rows && calls == g.n_calls, "%s: pieces cover V x rows once", what);
+}
+
+static void test_dense_gemm_plans() {
+  DeviceInfo d;
+  d.sm_count = 132;
+  d.max_cluster = 8;
+  const int64_t B = 128, V = 152064, H = 3584;
+  // issue-12 shape, bf16 prediction and LM head: cuBLAS (auto), one GEMM, D = B x V float32
+  {
+    const ReweightPlan p = plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H));
+    EXPECT(p.dense_enabled && p.gemm == DenseGemm::kCublas, "issue shape: cuBLAS variant by default");
+    EXPECT(!p.dg.pedantic && !p.dg.copy_pred && p.dg.op_dtype == DType::kBF16, "bf16 x bf16 directly");
+    EXPECT(p.dg.n_calls == 1 && p.dg.d_rows == B && p.dg.ldd == V, "one call over all rows");
+    EXPECT(p.dg.d_bytes == static_cast<size_t>(B * V * 4), "D bytes %zu", p.dg.d_bytes);
+    EXPECT(p.n_stiles == cdiv(V, kDenseStreamTile) && p.stream_grid >= 1 && p.stream_grid <= 8u * 132u,
+           "stream tiles %lld grid %u", (long long)p.n_stiles, p.stream_grid);
+    const ReweightPlan f = plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H, 0));
+    EXPECT(f.gemm == DenseGemm::kFused && f.bytes < p.bytes, "fused requested");
+    std::printf("reweight dense path B=128 V=152064 H=3584 bf16: cuBLAS workspace %.1f MB (D %.1f MB), fused %.2f MB\n",
+                p.bytes / 1e6, p.dg.d_bytes / 1e6, f.bytes / 1e6);
+    EXPECT(p.bytes >= p.dg.d_bytes + f.bytes - static_cast<size_t>(B * cdiv(V, kDenseBN)) * sizeof(RwDensePartial),
+           "cuBLAS workspace holds D");
+  }
+  // no handle, dense off, small V: fused / no dense path, no D in the workspace
+  EXPECT(plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H, 1, false)).gemm == DenseGemm::kFused,
+         "no cuBLAS handle: fused");
+  {
+    ReweightPlanOptions o = gemm_opts(DType::kBF16, DType::kBF16, H, H, 1);
+    o.dense = 0;
+    const ReweightPlan p = plan_reweight(B, V, H, d, o);
+    EXPECT(!p.dense_enabled && p.gemm == DenseGemm::kFused && p.off_pcopy == p.off_d, "dense off: no D");
+    EXPECT(plan_reweight(B, 1000, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H, 1)).gemm == DenseGemm::kFused,
+           "V below the dense minimum");
+  }
+  // operand pairs
+  struct Pair {
+    DType pd, wd;
+    bool cublas, copy, pedantic;
+    DType op;
+  };
+  const Pair pairs[] = {{DType::kBF16, DType::kBF16, true, false, false, DType::kBF16},
+                        {DType::kF16, DType::kF16, true, false, false, DType::kF16},
+                        {DType::kF32, DType::kF32, true, false, true, DType::kF32},
+                        {DType::kBF16, DType::kF32, true, true, true, DType::kF32},
+                        {DType::kF16, DType::kF32, true, true, true, DType::kF32},
+                        {DType::kF32, DType::kBF16, false, false, false, DType::kF32},
+                        {DType::kF32, DType::kF16, false, false, false, DType::kF32},
+                        {DType::kBF16, DType::kF16, false, false, false, DType::kF32},
+                        {DType::kF16, DType::kBF16, false, false, false, DType::kF32}};
+  for (const Pair& q : pairs) {
+    const DenseGemmPlan g = plan_dense_gemm(40, 5003, 200, gemm_opts(q.pd, q.wd, 200, 200, 1));
+    EXPECT(g.cublas == q.cublas, "pair %d x %d: cublas %d", (int)q.pd, (int)q.wd, (int)g.cublas);
+    if (!g.cublas) continue;
+    EXPECT(g.copy_pred == q.copy && g.pedantic == q.pedantic && g.op_dtype == q.op, "pair %d x %d", (int)q.pd,
+           (int)q.wd);
+    EXPECT(g.copy_bytes == (q.copy ? static_cast<size_t>(40 * 200 * 4) : 0), "copy bytes %zu", g.copy_bytes);
+    const ReweightPlan p = plan_reweight(40, 5003, 200, d, gemm_opts(q.pd, q.wd, 200, 200, 1));
+    EXPECT(p.gemm == DenseGemm::kCublas, "plan uses the GEMM plan");
+  }
+  // strides
+  EXPECT(!plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 200, 100, 1)).cublas, "W stride < H");
+  EXPECT(!plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 200, 0, 1)).cublas, "W stride 0");
+  EXPECT(!plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 200, int64_t{1} << 31, 1)).cublas,
+         "W stride beyond int");
+  EXPECT(plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 256, 264, 1)).ldp == 256, "strided rows");
+  {
+    const DenseGemmPlan g = plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 0, 200, 1));
+    EXPECT(g.cublas && g.d_rows == 1 && !g.copy_pred && g.d_bytes == static_cast<size_t>(5004 * 4),
+           "broadcast prediction: one GEMM row");
+    const DenseGemmPlan o = plan_dense_gemm(4, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 50, 200, 1));
+    EXPECT(o.cublas && o.copy_pred && o.d_rows == 4 && o.ldp == 200, "overlapping prediction rows are copied");
+    const DenseGemmPlan one = plan_dense_gemm(1, 5003, 200, gemm_opts(DType::kBF16, DType::kBF16, 7, 200, 1));
+    EXPECT(one.cublas && !one.copy_pred && one.d_rows == 1 && one.ldp == 200, "one row: stride unused");
+  }
+  // pieces: beyond 2^31 elements of D or W the GEMM is split, every piece within int range
+  {
+    const DenseGemmPlan g = plan_dense_gemm(20000, V, H, gemm_opts(DType::kBF16, DType::kBF16, H, H, 1));
+    EXPECT(g.cublas && g.n_calls >= 2, "B x V = %lld elements needs pieces (calls %lld)", (long long)(20000 * V),
+           (long long)g.n_calls);
+    check_pieces(g, V, H, H, "B=20000");
+    const DenseGemmPlan w = plan_dense_gemm(8, 600000, 8192, gemm_opts(DType::kBF16, DType::kBF16, 8192, 8192, 1));
+    EXPECT(w.cublas && w.v_chunk < 600000 && w.v_chunk % 128 == 0, "W of %lld elements split over V (chunk %lld)",
+           (long long)(600000LL * 8192), (long long)w.v_chunk);
+    check_pieces(w, 600000, 8192, 8192, "V x H > 2^31");
+  }
+  std::mt19937_64 g(11);
+  for (int it = 0; it < 3000; ++it) {
+    const int64_t b = 1 + static_cast<int64_t>(g() % 40000), v = 1024 + static_cast<int64_t>(g() % 400000),
+                  h = 1 + static_cast<int64_t>(g() % 20000);
+    const int64_t wsd = h + static_cast<int64_t>(g() % 3 == 0 ? g() % 100000 : 0);
+    const int64_t psd = g() % 4 == 0 ? static_cast<int64_t>(g() % (2 * h + 1)) : h;
+    const DType dts[3] = {DType::kF32, DType::kBF16, DType::kF16};
+    const DType pd = dts[g() % 3], wd = dts[g() % 3];
+    const ReweightPlanOptions o = gemm_opts(pd, wd, psd, wsd, static_cast<int>(g() % 3) - 1, g() % 5 != 0);
+    DeviceInfo di;
+    di.sm_count = 1 + static_cast<int>(g() % 200);
+    const ReweightPlan p = plan_reweight(b, v, h, di, o);
+    EXPECT(p.ok, "plan");
+    const bool want = o.have_cublas && o.dense_gemm != 0 && wsd >= h && (pd == wd || wd == DType::kF32);
+    EXPECT((p.gemm == DenseGemm::kCublas) == want, "random: cuBLAS %d, expected %d (pd %d wd %d ws %lld h %lld)",
+           (int)(p.gemm == DenseGemm::kCublas), (int)want, (int)pd, (int)wd, (long long)wsd, (long long)h);
+    if (p.gemm != DenseGemm::kCublas) continue;
+    check_pieces(p.dg, v, h, wsd, "random");
+    EXPECT(p.dg.d_rows == ((b > 1 && psd == 0) ? 1 : b), "D rows");
+    const size_t bb = static_cast<size_t>(b);
+    EXPECT(p.off_d % 256 == 0 && p.off_pcopy % 256 == 0, "alignment");
+    EXPECT(p.off_partials + bb * static_cast<size_t>(p.n_stiles) * sizeof(RwDensePartial) <= p.off_pred &&
+               p.off_pred <= p.off_d && p.off_d + p.dg.d_bytes <= p.off_pcopy &&
+               p.off_pcopy + p.dg.copy_bytes <= p.bytes,
+           "cuBLAS workspace layout");
+  }
+}
+
 static void test_env() {
+  setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "fused", 1);
+  EXPECT(reweight_dense_gemm_from_env() == 0, "fused");
+  setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "cublas", 1);
+  EXPECT(reweight_dense_gemm_from_env() == 1, "cublas");
+  setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "tensor", 1);
+  EXPECT(reweight_dense_gemm_from_env() == -2, "unknown value");
+  setenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "auto", 1);
+  EXPECT(reweight_dense_gemm_from_env() == -1, "auto");
+  unsetenv("ESAMP_CUDA_REWEIGHT_DENSE_GEMM");
   setenv("ESAMP_CUDA_DISTILLER_ENGINE", "simt", 1);
   EXPECT(distiller_engine_from_env() == 0, "simt");
   setenv("ESAMP_CUDA_DISTILLER_ENGINE", "cublas", 1);
@@ -321,6 +475,7 @@ int main() {
   test_bucket_bound();
   test_distiller_plans();
   test_reweight_plans();
+  test_dense_gemm_plans();
   test_env();
   std::printf("test_cuda_plan: %d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;

@@ -262,6 +262,16 @@ inline int distiller_engine_from_env() { return env_choice("ESAMP_CUDA_DISTILLER
 // keys and reduces (key arg max, logsumexp) per 128-token tile, and a finish kernel that merges the tiles.
 // Which rows are dense is decided on the device (per row, from the row alone); the dense kernels exit at
 // once when there is none.
+//
+// Two variants finish the dense rows (ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto | fused | cublas; auto = cublas
+// where cuBLAS can take the operands exactly, see plan_dense_gemm):
+//   fused  : the tensor-core kernel above (d never leaves the chip; W read once per 64 dense rows).
+//   cublas : one cublasGemmEx d = pred . W^T over ALL B rows (the host does not know which rows are dense,
+//            and cuBLAS takes host-side sizes) into a workspace D[B, ldd] float32, then a streaming kernel
+//            over the dense rows that reads logits and D once, mixes, draws the same Gumbel keys and reduces
+//            per 1024-token tile (the finish kernel merges the tiles), or writes m (reweight_logits).  Costs a
+//            write and a read of D (2 x 78 MB at B = 128, V = 152064) and the full GEMM even when no row
+//            turns out dense.
 
 constexpr int kRwThreads = 256;       // row kernel block (<= 255 registers per thread)
 constexpr int kRwChunkElems = 2048;   // ids per chunk of a block (256 threads x 8 16-bit elements)
@@ -294,9 +304,82 @@ struct RwDensePartial {
   double s;
 };
 
+constexpr int kDenseStreamTile = 1024;  // tokens per warp item of the streaming pass (cuBLAS variant)
+constexpr int kDenseStreamThreads = 256;
+constexpr int64_t kGemmMaxElems = int64_t{2147483647};  // elements one cublasGemmEx operand may span (int)
+
+enum class DenseGemm : int { kFused = 0, kCublas = 1 };
+
 struct ReweightPlanOptions {
   int dense = -1;        // -1 auto, 0 never (sparse dot products only), 1 every beta > 0 sampled row
+  int dense_gemm = -1;   // -1 auto, 0 fused tensor-core kernel, 1 cuBLAS GEMM + streaming pass
+  bool have_cublas = false;  // a cuBLAS handle is given (else: fused)
+  // operands of d = pred . W^T (the cuBLAS variant depends on them; the fused kernel takes any)
+  DType pred_dtype = DType::kF32, weight_dtype = DType::kF32;
+  int64_t pred_stride = -1, weight_stride = -1;  // row strides in elements; -1 = compact (H)
 };
+
+// The cuBLAS GEMM of the dense path: D[r, v] = pred[r] . W[v] for r < d_rows, v < V, float32 output, in
+// v_chunk x b_chunk pieces so that no operand of one cublasGemmEx call spans more than 2^31 - 1 elements
+// (its sizes and leading dimensions are int; the pieces also keep every index of a call in int range).
+struct DenseGemmPlan {
+  bool cublas = false;
+  DType op_dtype = DType::kF32;  // dtype of both GEMM operands
+  bool pedantic = false;         // fp32 operands: CUBLAS_COMPUTE_32F_PEDANTIC (no TF32); else COMPUTE_32F
+  bool copy_pred = false;        // pred is first copied into a compact [d_rows, H] buffer of op_dtype
+  int64_t d_rows = 0;            // rows of D (B, or 1 for a broadcast prediction of row stride 0)
+  int64_t ldd = 0;               // row stride of D (V rounded up to 4: 16-byte aligned rows)
+  int64_t ldp = 0;               // leading dimension of the prediction operand
+  int64_t v_chunk = 0, b_chunk = 0, n_calls = 0;
+  size_t d_bytes = 0, copy_bytes = 0;
+};
+
+// Which operand pairs cuBLAS can take exactly (cublasGemmEx needs one dtype for both operands):
+//   pred and W of the same dtype                 -> that dtype (bf16/fp16: fp32 accumulation; fp32: PEDANTIC)
+//   W float32, pred bf16/fp16                    -> pred widened to float32 (exact), PEDANTIC
+//   W bf16/fp16, pred of another dtype           -> none: rounding pred to W's dtype would lose precision, so
+//                                                   the fused kernel (TF32 with pred split hi + lo) serves it
+// and the strides it can take: W rows with stride >= H (int); a prediction with row stride >= H (int), a
+// single row, or a broadcast row (stride 0, one GEMM row); other prediction strides are copied compact.
+inline DenseGemmPlan plan_dense_gemm(int64_t B, int64_t V, int64_t H, const ReweightPlanOptions& o) {
+  DenseGemmPlan g;
+  if (B < 1 || V < 1 || H < 1 || !o.have_cublas || o.dense_gemm == 0) return g;
+  const int64_t imax = kGemmMaxElems;
+  const int64_t ws = o.weight_stride < 0 ? H : o.weight_stride;
+  if (H > imax || ws < H || ws > imax) return g;
+  const bool same = o.pred_dtype == o.weight_dtype;
+  if (!same && o.weight_dtype != DType::kF32) return g;
+  g.op_dtype = o.weight_dtype;
+  g.pedantic = o.weight_dtype == DType::kF32;
+  const int64_t ps = (B == 1 || o.pred_stride < 0) ? H : o.pred_stride;  // one row: its stride is never used
+  g.d_rows = (B > 1 && ps == 0) ? 1 : B;
+  g.copy_pred = !same || (g.d_rows > 1 && (ps < H || ps > imax));
+  g.ldp = g.copy_pred || g.d_rows == 1 ? H : ps;
+  g.ldd = (V + 3) / 4 * 4;
+  if (g.ldd > imax) return DenseGemmPlan{};
+  // V pieces: (v_chunk - 1) ws + H <= imax (W), v_chunk <= ldd; a multiple of 128 unless V itself is smaller
+  int64_t vc = (imax - H) / ws + 1;
+  if (vc >= V) {
+    vc = V;
+  } else if (vc >= 128) {
+    vc = vc / 128 * 128;
+  }
+  // row pieces: (b_chunk - 1) ldd + v_chunk <= imax (D), (b_chunk - 1) ldp + H <= imax (pred)
+  int64_t bc = (imax - vc) / g.ldd + 1;
+  const int64_t bc_p = (imax - H) / g.ldp + 1;
+  if (bc_p < bc) bc = bc_p;
+  if (bc > g.d_rows) bc = g.d_rows;
+  if (vc < 1 || bc < 1) return DenseGemmPlan{};
+  g.v_chunk = vc;
+  g.b_chunk = bc;
+  g.n_calls = plan_cdiv(V, vc) * plan_cdiv(g.d_rows, bc);
+  g.d_bytes = static_cast<size_t>(g.d_rows) * static_cast<size_t>(g.ldd) * sizeof(float);
+  g.copy_bytes = g.copy_pred ? static_cast<size_t>(g.d_rows) * static_cast<size_t>(H) *
+                                   static_cast<size_t>(dtype_size(g.op_dtype))
+                             : 0;
+  g.cublas = true;
+  return g;
+}
 
 struct ReweightPlan {
   bool ok = false;
@@ -305,9 +388,14 @@ struct ReweightPlan {
   int dense_force = 0;
   int64_t n_vtiles = 0, n_rtiles_max = 0;
   unsigned dense_grid = 0;
+  DenseGemm gemm = DenseGemm::kFused;  // variant of the dense path (meaningful when dense_enabled)
+  DenseGemmPlan dg;                    // the cuBLAS GEMM (gemm == kCublas)
+  int64_t n_stiles = 0;                // cuBLAS variant: 1024-token tiles per row (partials per dense row)
+  unsigned stream_grid = 0;            // blocks of the streaming pass
   bool pred_in_smem = true;
   int64_t Hp = 0;
-  size_t off_info = 0, off_dense_rows = 0, off_meta = 0, off_partials = 0, off_pred = 0, bytes = 0;
+  size_t off_info = 0, off_dense_rows = 0, off_meta = 0, off_partials = 0, off_pred = 0, off_d = 0, off_pcopy = 0,
+         bytes = 0;
 };
 
 inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceInfo& dev,
@@ -330,6 +418,18 @@ inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceI
     p.dense_grid = static_cast<unsigned>(items < cap ? items : cap);
     if (p.dense_grid < 1) p.dense_grid = 1;
   }
+  if (p.dense_enabled) {
+    p.dg = plan_dense_gemm(B, V, H, opt);
+    p.gemm = p.dg.cublas ? DenseGemm::kCublas : DenseGemm::kFused;
+  }
+  p.n_stiles = plan_cdiv(V, kDenseStreamTile);
+  {
+    const int64_t warps = (B > 0 ? B : 1) * p.n_stiles;  // one warp per (row, tile) at most
+    int64_t blocks = plan_cdiv(warps, kDenseStreamThreads / 32);
+    const int64_t cap = 8LL * dev.sm_count;
+    if (blocks > cap) blocks = cap;
+    p.stream_grid = static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+  }
   p.Hp = (H + 3) / 4 * 4;
   p.pred_in_smem = H <= kRwPredSmemMaxH;
   size_t off = 0;
@@ -343,8 +443,12 @@ inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceI
   p.off_info = take(b * sizeof(RwRowInfo));
   p.off_dense_rows = take(b * sizeof(int));
   p.off_meta = take(4 * sizeof(int));
-  p.off_partials = take(p.dense_enabled ? b * static_cast<size_t>(p.n_vtiles) * sizeof(RwDensePartial) : 0);
+  const bool cub = p.dense_enabled && p.gemm == DenseGemm::kCublas;
+  const size_t tiles = static_cast<size_t>(cub ? p.n_stiles : p.n_vtiles);
+  p.off_partials = take(p.dense_enabled ? b * tiles * sizeof(RwDensePartial) : 0);
   p.off_pred = take(p.pred_in_smem ? 0 : b * static_cast<size_t>(p.cluster) * static_cast<size_t>(p.Hp) * sizeof(float));
+  p.off_d = take(cub ? p.dg.d_bytes : 0);
+  p.off_pcopy = take(cub ? p.dg.copy_bytes : 0);
   p.bytes = (off + 255) / 256 * 256;
   p.ok = true;
   return p;
@@ -352,5 +456,10 @@ inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceI
 
 // ESAMP_CUDA_REWEIGHT_DENSE = auto (default) | off | force.
 inline int reweight_dense_from_env() { return env_choice("ESAMP_CUDA_REWEIGHT_DENSE", "off", "force"); }
+
+// ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto (default: cublas where plan_dense_gemm allows it) | fused | cublas.
+// Until a GPU measurement says otherwise, auto is the cuBLAS variant (the design of issue 12); a forced
+// cublas still falls back to the fused kernel for operands cuBLAS cannot take exactly (plan_dense_gemm).
+inline int reweight_dense_gemm_from_env() { return env_choice("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "fused", "cublas"); }
 
 }  // namespace esamp

@@ -52,13 +52,19 @@ Status mix_hidden_cpu(const MixHiddenProblem& pr);
 #include <cuda_runtime.h>
 namespace esamp {
 // CUDA reweight (csrc/cuda/reweight.cu; plan in esamp/cuda_plan.h).  dense: -1 auto, 0 never (sparse dot
-// products only), 1 every beta > 0 sampled row takes the dense GEMM path (tests / measurements).  The
-// workspace size depends on the current device (blocks per row) and on the dense setting.
-size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr, int dense = -1, bool logits_out = false);
+// products only), 1 every beta > 0 sampled row takes the dense GEMM path (tests / measurements).
+// dense_gemm: -1 auto, 0 the fused tensor-core kernel, 1 cuBLAS GEMM + streaming pass (needs cublas_handle:
+// a cublasHandle_t bound to `stream` with a workspace set, as torch's current handle is; nullptr = fused).
+// The workspace size depends on the current device (blocks per row), on the dense settings and on whether
+// a handle will be given (have_cublas).
+size_t reweight_cuda_workspace_bytes(const ReweightProblem& pr, int dense = -1, bool logits_out = false,
+                                     int dense_gemm = -1, bool have_cublas = false);
 Status reweight_cuda(const ReweightProblem& pr, int64_t* tokens, float* logprobs, void* workspace,
-                     size_t workspace_bytes, int dense, cudaStream_t stream);
+                     size_t workspace_bytes, int dense, cudaStream_t stream, void* cublas_handle = nullptr,
+                     int dense_gemm = -1);
 Status reweight_logits_cuda(const ReweightProblem& pr, float* out, int64_t out_stride, void* workspace,
-                            size_t workspace_bytes, int dense, cudaStream_t stream);
+                            size_t workspace_bytes, int dense, cudaStream_t stream, void* cublas_handle = nullptr,
+                            int dense_gemm = -1);
 Status mix_hidden_cuda(const MixHiddenProblem& pr, cudaStream_t stream);
 #endif
 
