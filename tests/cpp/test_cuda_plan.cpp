@@ -338,10 +338,13 @@ static void test_dense_gemm_plans() {
   d.sm_count = 132;
   d.max_cluster = 8;
   const int64_t B = 128, V = 152064, H = 3584;
-  // issue-12 shape, bf16 prediction and LM head: cuBLAS (auto), one GEMM, D = B x V float32
+  // issue-12 shape, bf16 prediction and LM head: auto = fused; cuBLAS when asked, one GEMM, D = B x V float32
   {
-    const ReweightPlan p = plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H));
-    EXPECT(p.dense_enabled && p.gemm == DenseGemm::kCublas, "issue shape: cuBLAS variant by default");
+    const ReweightPlan a = plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H));
+    EXPECT(a.dense_enabled && a.gemm == DenseGemm::kFused && !a.dg.cublas, "issue shape: fused variant by default");
+    const ReweightPlan p = plan_reweight(B, V, H, d, gemm_opts(DType::kBF16, DType::kBF16, H, H, 1));
+    EXPECT(p.dense_enabled && p.gemm == DenseGemm::kCublas, "issue shape: cuBLAS variant when asked");
+    EXPECT(a.bytes < p.bytes, "auto: no D in the workspace");
     EXPECT(!p.dg.pedantic && !p.dg.copy_pred && p.dg.op_dtype == DType::kBF16, "bf16 x bf16 directly");
     EXPECT(p.dg.n_calls == 1 && p.dg.d_rows == B && p.dg.ldd == V, "one call over all rows");
     EXPECT(p.dg.d_bytes == static_cast<size_t>(B * V * 4), "D bytes %zu", p.dg.d_bytes);
@@ -429,7 +432,7 @@ static void test_dense_gemm_plans() {
     di.sm_count = 1 + static_cast<int>(g() % 200);
     const ReweightPlan p = plan_reweight(b, v, h, di, o);
     EXPECT(p.ok, "plan");
-    const bool want = o.have_cublas && o.dense_gemm != 0 && wsd >= h && (pd == wd || wd == DType::kF32);
+    const bool want = o.have_cublas && o.dense_gemm == 1 && wsd >= h && (pd == wd || wd == DType::kF32);
     EXPECT((p.gemm == DenseGemm::kCublas) == want, "random: cuBLAS %d, expected %d (pd %d wd %d ws %lld h %lld)",
            (int)(p.gemm == DenseGemm::kCublas), (int)want, (int)pd, (int)wd, (long long)wsd, (long long)h);
     if (p.gemm != DenseGemm::kCublas) continue;

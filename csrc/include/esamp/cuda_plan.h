@@ -263,8 +263,8 @@ inline int distiller_engine_from_env() { return env_choice("ESAMP_CUDA_DISTILLER
 // Which rows are dense is decided on the device (per row, from the row alone); the dense kernels exit at
 // once when there is none.
 //
-// Two variants finish the dense rows (ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto | fused | cublas; auto = cublas
-// where cuBLAS can take the operands exactly, see plan_dense_gemm):
+// Two variants finish the dense rows (ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto | fused | cublas; auto = fused
+// until a GPU measurement says otherwise; cublas where cuBLAS can take the operands exactly, see plan_dense_gemm):
 //   fused  : the tensor-core kernel above (d never leaves the chip; W read once per 64 dense rows).
 //   cublas : one cublasGemmEx d = pred . W^T over ALL B rows (the host does not know which rows are dense,
 //            and cuBLAS takes host-side sizes) into a workspace D[B, ldd] float32, then a streaming kernel
@@ -343,7 +343,7 @@ struct DenseGemmPlan {
 // single row, or a broadcast row (stride 0, one GEMM row); other prediction strides are copied compact.
 inline DenseGemmPlan plan_dense_gemm(int64_t B, int64_t V, int64_t H, const ReweightPlanOptions& o) {
   DenseGemmPlan g;
-  if (B < 1 || V < 1 || H < 1 || !o.have_cublas || o.dense_gemm == 0) return g;
+  if (B < 1 || V < 1 || H < 1 || !o.have_cublas || o.dense_gemm != 1) return g;  // auto = fused (below)
   const int64_t imax = kGemmMaxElems;
   const int64_t ws = o.weight_stride < 0 ? H : o.weight_stride;
   if (H > imax || ws < H || ws > imax) return g;
@@ -457,9 +457,12 @@ inline ReweightPlan plan_reweight(int64_t B, int64_t V, int64_t H, const DeviceI
 // ESAMP_CUDA_REWEIGHT_DENSE = auto (default) | off | force.
 inline int reweight_dense_from_env() { return env_choice("ESAMP_CUDA_REWEIGHT_DENSE", "off", "force"); }
 
-// ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto (default: cublas where plan_dense_gemm allows it) | fused | cublas.
-// Until a GPU measurement says otherwise, auto is the cuBLAS variant (the design of issue 12); a forced
-// cublas still falls back to the fused kernel for operands cuBLAS cannot take exactly (plan_dense_gemm).
+// ESAMP_CUDA_REWEIGHT_DENSE_GEMM = auto (default) | fused | cublas.  auto is the fused kernel until a GPU
+// measurement says otherwise: the cuBLAS GEMM runs over all B rows on every call, because only the device knows
+// which rows are dense and a cuBLAS call cannot be skipped from the device, so a batch with no dense row (every
+// row min-p filtered, the paper's protocol) would pay one full read of W (~230 us at B = 128, V = 152064,
+// H = 3584 in bf16, by arithmetic) that the fused kernel skips.  A forced cublas still falls back to the fused
+// kernel for operands cuBLAS cannot take exactly (plan_dense_gemm).
 inline int reweight_dense_gemm_from_env() { return env_choice("ESAMP_CUDA_REWEIGHT_DENSE_GEMM", "fused", "cublas"); }
 
 }  // namespace esamp
