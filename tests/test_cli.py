@@ -261,7 +261,10 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     printed, err = capsys.readouterr()
     assert rc == 0
     first = printed.splitlines()[0]
-    assert first.startswith("settings: ESamp beta=0.25 mode=per_prompt rank=8 layers=2 lr=0.0004 warmup_steps=2 |")
+    from esamp.demo import DEMO_ESAMP
+
+    assert DEMO_ESAMP.beta == 0.1 and DEMO_ESAMP.lr == 4e-4       # the evaluation's demo setting (docs/huggingface.md)
+    assert first.startswith("settings: ESamp beta=0.1 mode=per_prompt rank=8 layers=2 lr=0.0004 warmup_steps=2 |")
     assert "2 prompts x n=3, 8 new tokens" in first
     for label in ("mean pairwise similarity", "Vendi score", "distinct-2", "perplexity under the base model",
                   "loop rate", "tail-token rate", "generated tokens / s", "ESamp overhead"):
