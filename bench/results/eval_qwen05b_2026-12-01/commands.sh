@@ -90,3 +90,16 @@ done
     --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1,min_p=0.05 \
     --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
 cp "$OUT/results.json" $D/screen_mp05_0-15.json; cp "$OUT/results.md" $D/screen_mp05_0-15.md
+
+# 10. Large k: n = 64 on dev problems 0-7 (files 0000-0007), vanilla T 1 min-p 0.1 vs ESamp lr 1e-3 / 100 warm-up
+#     (one process per method, each single-threaded, chunks of 4 problems x 64 samples), then the aggregation
+#     ->  n64_0-7.{json,md,png}
+OUT64=${OUT64:-/tmp/esamp_gsm8k_n64}
+N64=(--suite gsm8k --split 0-7 --model qwen2.5-coder-0.5b -n 64 --batch-rows 256 --temperature 1 --min-p 0.1)
+.venv/bin/esamp eval passk "${N64[@]}" --threads 1 --no-esamp-grid --no-plots --out "$OUT64" &
+.venv/bin/esamp eval passk "${N64[@]}" --threads 1 --no-vanilla-grid --no-esamp-grid \
+    --point beta=0.25,lr=1e-3,warmup=100 --no-plots --out "$OUT64" &
+wait
+.venv/bin/esamp eval passk "${N64[@]}" --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100 \
+    --baseline "vanilla T=1 min_p=0.1" --out "$OUT64"
+cp "$OUT64/results.json" $D/n64_0-7.json; cp "$OUT64/results.md" $D/n64_0-7.md; cp "$OUT64/passk.png" $D/n64_0-7_passk.png
