@@ -29,7 +29,7 @@ def test_config_defaults():
     ("beta", -0.1), ("beta", float("nan")), ("beta", float("inf")), ("beta", "0.25"), ("beta", True),
     ("mode", "per_request"), ("rank", 0), ("rank", 2.0), ("layers", 0), ("lr", -1.0), ("lr", float("nan")),
     ("adam_eps", 0.0), ("clip", 0.0), ("clip", float("nan")), ("slots", 0), ("source_layer", 1.5),
-    ("warmup_steps", -1), ("warmup_steps", 2.0), ("dtype", torch.int32), ("dtype", "float64"),
+    ("warmup_steps", -1), ("warmup_steps", 2.0), ("dtype", torch.int32), ("dtype", "float64"), ("dtype", ["bf16"]),
     ("async_trainer", 1), ("init_seed", "0"),
 ])
 def test_config_rejects_bad_values(field, value):

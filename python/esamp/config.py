@@ -102,7 +102,8 @@ class ESampConfig:
         if self.dtype is not None:
             import torch
 
-            dt = getattr(torch, _DTYPE_NAMES[self.dtype]) if self.dtype in _DTYPE_NAMES else self.dtype
+            named = isinstance(self.dtype, str) and self.dtype in _DTYPE_NAMES
+            dt = getattr(torch, _DTYPE_NAMES[self.dtype]) if named else self.dtype
             if dt not in (torch.float32, torch.bfloat16, torch.float16):
                 bad("dtype", "None, torch.float32, torch.bfloat16 or torch.float16 (or their names)")
             object.__setattr__(self, "dtype", dt)
