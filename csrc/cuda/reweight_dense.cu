@@ -462,13 +462,28 @@ __global__ void __launch_bounds__(256) dense_finish_kernel(const int* __restrict
   }
 }
 
+// The first and last launches of both dense variants: the list of dense rows, and (reweight only: reweight_logits
+// writes m in the tile pass) the merge of each dense row's tiles in tile order.
+Status launch_list(const DenseArgs& g, int64_t B, cudaStream_t stream) {
+  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, const_cast<int*>(g.rows), const_cast<int*>(g.meta));
+  ESAMP_LAUNCH_TRY();
+  return Status::kOk;
+}
+
+Status launch_finish(const DenseArgs& g, int64_t B, int64_t* tokens, float* logprobs, cudaStream_t stream) {
+  if (g.kout) return Status::kOk;
+  dense_finish_kernel<<<persistent_grid(B, 4), 256, 0, stream>>>(g.rows, g.meta, g.partials, g.n_vtiles, tokens,
+                                                                logprobs);
+  ESAMP_LAUNCH_TRY();
+  return Status::kOk;
+}
+
 }  // namespace
 
 namespace rw_detail {
 Status launch_dense(const DenseArgs& g, int64_t B, unsigned grid, int64_t* tokens, float* logprobs,
                     cudaStream_t stream) {
-  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, const_cast<int*>(g.rows), const_cast<int*>(g.meta));
-  ESAMP_LAUNCH_TRY();
+  if (const Status s = launch_list(g, B, stream); s != Status::kOk) return s;
   const ReweightProblem& pr = g.pr;
   if (pr.pred_dtype == DType::kBF16 && pr.weight_dtype == DType::kBF16) {
     dense_kernel<0><<<grid, kDenseThreads, 0, stream>>>(g);
@@ -478,20 +493,14 @@ Status launch_dense(const DenseArgs& g, int64_t B, unsigned grid, int64_t* token
     dense_kernel<2><<<grid, kDenseThreads, 0, stream>>>(g);
   }
   ESAMP_LAUNCH_TRY();
-  if (!g.kout) {
-    dense_finish_kernel<<<persistent_grid(B, 4), 256, 0, stream>>>(g.rows, g.meta, g.partials, g.n_vtiles, tokens,
-                                                                  logprobs);
-    ESAMP_LAUNCH_TRY();
-  }
-  return Status::kOk;
+  return launch_finish(g, B, tokens, logprobs, stream);
 }
 
 Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cublas_handle, float* d, void* pcopy,
                            int64_t B, unsigned stream_grid, int64_t* tokens, float* logprobs, cudaStream_t stream) {
   const ReweightProblem& pr = g.pr;
   if (!dg.cublas || !cublas_handle || !d || (dg.copy_pred && !pcopy)) return Status::kInvalidArgument;
-  dense_list_kernel<<<1, 1024, 0, stream>>>(g.info, B, const_cast<int*>(g.rows), const_cast<int*>(g.meta));
-  ESAMP_LAUNCH_TRY();
+  if (const Status s = launch_list(g, B, stream); s != Status::kOk) return s;
   const void* P = pr.pred;
   if (dg.copy_pred) {
     dense_pcopy_kernel<<<persistent_grid((dg.d_rows * pr.H + 255) / 256, 4), 256, 0, stream>>>(
@@ -521,12 +530,7 @@ Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cu
   }
   dense_stream_kernel<<<stream_grid, kDenseStreamThreads, 0, stream>>>(g);
   ESAMP_LAUNCH_TRY();
-  if (!g.kout) {
-    dense_finish_kernel<<<persistent_grid(B, 4), 256, 0, stream>>>(g.rows, g.meta, g.partials, g.n_vtiles, tokens,
-                                                                  logprobs);
-    ESAMP_LAUNCH_TRY();
-  }
-  return Status::kOk;
+  return launch_finish(g, B, tokens, logprobs, stream);
 }
 }  // namespace rw_detail
 }  // namespace esamp
