@@ -57,7 +57,7 @@
 //                   per 64 dense rows; the epilogue reads the logits tile, mixes, draws the keys and
 //                   reduces the tile to (best key, arg max z, logsumexp) -- reweight_logits writes m.
 //     finish      : merges the tiles of each dense row in tile order (reweight only).
-//   or, cuBLAS variant (ESAMP_CUDA_REWEIGHT_DENSE_GEMM, default where cuBLAS takes the operands exactly;
+//   or, cuBLAS variant (ESAMP_CUDA_REWEIGHT_DENSE_GEMM=cublas; auto = the fused kernel above, see
 //   plan_dense_gemm in esamp/cuda_plan.h):
 //     list        : as above.
 //     GEMM        : cublasGemmEx D = pred . W^T over all B rows (the host cannot know which rows are dense),
