@@ -103,3 +103,14 @@ wait
 .venv/bin/esamp eval passk "${N64[@]}" --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100 \
     --baseline "vanilla T=1 min_p=0.1" --out "$OUT64"
 cp "$OUT64/results.json" $D/n64_0-7.json; cp "$OUT64/results.md" $D/n64_0-7.md; cp "$OUT64/passk.png" $D/n64_0-7_passk.png
+
+# 11. The held-out split (files 0050-0099), run ONCE after all tuning on dev, with the settings chosen there:
+#     vanilla T 1, min-p 0.1 (vanilla's best of those run on dev) vs ESamp beta 0.25, lr 1e-3, 100 warm-up, min-p 0.1
+#     (ESamp's best on dev); n = 16, chunks of 4 problems x 16 samples (each cached when done), two workers; then the
+#     aggregation with the plot  ->  heldout.{json,md,png}
+OUTH=${OUTH:-/tmp/esamp_gsm8k_heldout}
+HO=(--suite gsm8k --split heldout --model qwen2.5-coder-0.5b -n 16 --batch-rows 64 --temperature 1 --min-p 0.1
+    --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100)
+.venv/bin/esamp eval passk "${HO[@]}" --workers 2 --no-plots --out "$OUTH"
+.venv/bin/esamp eval passk "${HO[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTH"
+cp "$OUTH/results.json" $D/heldout.json; cp "$OUTH/results.md" $D/heldout.md; cp "$OUTH/passk.png" $D/heldout_passk.png
