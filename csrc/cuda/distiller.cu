@@ -31,6 +31,7 @@
 #include <climits>
 #include <cmath>
 
+#include "cublas_gemm.cuh"
 #include "cuda_utils.cuh"
 #include "distiller_cuda.cuh"
 #include "esamp/cuda_plan.h"
@@ -923,15 +924,11 @@ DistillerPlan make_plan(const DistillerShape& sh, int64_t S, int64_t N, int engi
   return plan_distiller(sh, S, N, device_info_base(), o);
 }
 
-// Row-major C[M, N] = op(A)[M, K] . op(B)[K, N] (+ beta C) with cuBLAS (column-major): C^T = op(B)^T op(A)^T.
+// Row-major fp32 C[M, N] = op(A)[M, K] . op(B)[K, N] (+ beta C), pedantic fp32 (cublas_gemm.cuh).
 Status gemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const float alpha = 1.0f;
-  const cublasStatus_t s =
-      cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
-                   static_cast<int>(M), static_cast<int>(K), &alpha, B, CUDA_R_32F, static_cast<int>(ldb), A,
-                   CUDA_R_32F, static_cast<int>(lda), &beta, C, CUDA_R_32F, static_cast<int>(ldc),
-                   CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t s = cuda_detail::gemm_rm(h, ta, tb, M, N, K, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, beta, C,
+                                                ldc, CUBLAS_COMPUTE_32F_PEDANTIC);
   return s == CUBLAS_STATUS_SUCCESS ? Status::kOk : Status::kCublasError;
 }
 

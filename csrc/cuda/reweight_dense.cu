@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 #include <mma.h>
 
+#include "cublas_gemm.cuh"
 #include "reweight_common.cuh"
 
 namespace esamp {
@@ -508,12 +509,11 @@ Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cu
     ESAMP_LAUNCH_TRY();
     P = pcopy;
   }
-  // Row-major D[r, v] = P[r] . W[v]: column-major D^T [V, rows] = W^T . P^T, i.e. op(A) = (W as H x V)^T.
+  // Row-major D[r, v] = P[r] . W[v] in chunks of rows x vocabulary, by the row-major GEMM of cublas_gemm.cuh.
   cublasHandle_t h = static_cast<cublasHandle_t>(cublas_handle);
   const cudaDataType_t t = cuda_dtype(dg.op_dtype);
   const cublasComputeType_t ct = dg.pedantic ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
   const int64_t es = dtype_size(dg.op_dtype), ws = pr.weight_stride;
-  const float one = 1.0f, zero = 0.0f;
   for (int64_t b0 = 0; b0 < dg.d_rows; b0 += dg.b_chunk) {
     const int64_t nb = dg.d_rows - b0 < dg.b_chunk ? dg.d_rows - b0 : dg.b_chunk;
     for (int64_t v0 = 0; v0 < pr.V; v0 += dg.v_chunk) {
@@ -521,10 +521,8 @@ Status launch_dense_cublas(const DenseArgs& g, const DenseGemmPlan& dg, void* cu
       const void* A = static_cast<const char*>(pr.weight) + v0 * ws * es;
       const void* Bp = static_cast<const char*>(P) + b0 * dg.ldp * es;
       float* C = d + b0 * dg.ldd + v0;
-      const cublasStatus_t cs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nv), static_cast<int>(nb),
-                                             static_cast<int>(pr.H), &one, A, t, static_cast<int>(ws), Bp, t,
-                                             static_cast<int>(dg.ldp), &zero, C, CUDA_R_32F,
-                                             static_cast<int>(dg.ldd), ct, CUBLAS_GEMM_DEFAULT);
+      const cublasStatus_t cs = cuda_detail::gemm_rm(h, false, true, nb, nv, pr.H, Bp, t, dg.ldp, A, t, ws, 0.0f, C,
+                                                     dg.ldd, ct);
       if (cs != CUBLAS_STATUS_SUCCESS) return Status::kCublasError;
     }
   }
