@@ -6,7 +6,9 @@ two different continuations of one prefix.  This prints, over all pairs:
   - how often the samples are identical, and where (character offset) they first differ;
   - the 2x2 table of (baseline correct?, other correct?) -- does ESamp's change break correct samples more often
     than it repairs wrong ones?
-  - per problem: correct counts of both methods.
+  - per problem: correct counts of both methods;
+  - per method, the samples that hit the token budget, and how many of those are in a loop (a runaway loop:
+    the loop rate alone also counts repetitions the task asks for, e.g. a docstring copied with its examples).
 
   PYTHONPATH=python python bench/esamp_pairs.py OUT_DIR "vanilla T=1 min_p=0.1" "esamp b=0.25 lr=0.0004 wu=30 min_p=0.1"
 """
@@ -24,8 +26,11 @@ def load(out_dir, method):
         r = json.load(open(f))
         if r["method"] != method:
             continue
-        for pid, texts, ok in zip(r["problems"], r["texts"], r["correct"]):
-            recs[(r["seed"], pid)] = (texts, ok)
+        n = len(r["texts"][0]) if r["texts"] else 0
+        for i, (pid, texts, ok) in enumerate(zip(r["problems"], r["texts"], r["correct"])):
+            trunc = r["truncated"][i] if "truncated" in r else [False] * n
+            loop = r["loop"][i] if "loop" in r else [False] * n
+            recs[(r["seed"], pid)] = (texts, ok, trunc, loop)
     return recs
 
 
@@ -47,7 +52,7 @@ def main(argv=None):
     table = {(x, y): 0 for x in (True, False) for y in (True, False)}
     per = []
     for k in keys:
-        (ta, oa), (tb, ob) = A[k], B[k]
+        (ta, oa, *_), (tb, ob, *_) = A[k], B[k]
         for sa, sb, ca, cb in zip(ta, tb, oa, ob):
             d = first_diff(sa, sb)
             if d is None:
@@ -63,6 +68,9 @@ def main(argv=None):
     print(f"baseline correct -> other correct {table[(True, True)]}, -> wrong {table[(True, False)]}; "
           f"baseline wrong -> other correct {table[(False, True)]}, -> wrong {table[(False, False)]}")
     print("per problem (baseline / other correct of n):", " ".join(f"{p.split('/')[-1]}:{a}/{b}" for p, a, b in per))
+    for name, R in ((base, A), (other, B)):
+        tr = [(t, lp) for k in keys for t, lp in zip(R[k][2], R[k][3]) if t]
+        print(f"{name}: {len(tr)} of {n} samples hit the token budget, {sum(bool(lp) for _, lp in tr)} of them in a loop")
     return 0
 
 

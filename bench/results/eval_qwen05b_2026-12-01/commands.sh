@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The commands that wrote the files in this folder (Qwen2.5-Coder-0.5B-Instruct, float32, GSM8K, CPU).
+# The commands that wrote the files in this folder (Qwen2.5-Coder-0.5B-Instruct, float32, GSM8K and HumanEval, CPU).
 # Machine: the project's 2-core AMD EPYC VM (AVX2, no bf16 / AMX), 24 GiB, no GPU, torch 2.14.1, shared with
 # other jobs (each process single-threaded, --workers 2).  Every chunk is cached under OUT/runs/, so re-running
 # a command after an interruption continues where it stopped; with everything cached it only re-aggregates.
@@ -114,3 +114,24 @@ HO=(--suite gsm8k --split heldout --model qwen2.5-coder-0.5b -n 16 --batch-rows 
 .venv/bin/esamp eval passk "${HO[@]}" --workers 2 --no-plots --out "$OUTH"
 .venv/bin/esamp eval passk "${HO[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTH"
 cp "$OUTH/results.json" $D/heldout.json; cp "$OUTH/results.md" $D/heldout.md; cp "$OUTH/passk.png" $D/heldout_passk.png
+
+# 12. HumanEval (part of the dev split), n = 16, T 1, min-p 0.1, up to 512 new tokens, each sample graded in its
+#     own sandboxed subprocess, chunks of 4 problems, two workers.
+#     a) problems 0-19: vanilla vs ESamp at the paper's settings (beta 0.25, lr 4e-4, 30 warm-up) vs ESamp lr 1e-3 /
+#        100 warm-up (GSM8K dev's best)  ->  humaneval_0-19.{json,md,png}
+OUTE=${OUTE:-/tmp/esamp_humaneval}
+HE=(--suite humaneval --model qwen2.5-coder-0.5b -n 16 --batch-rows 64 --temperature 1 --min-p 0.1 --no-esamp-grid)
+.venv/bin/esamp eval passk "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+    --workers 2 --no-plots --out "$OUTE"
+.venv/bin/esamp eval passk "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+    --baseline "vanilla T=1 min_p=0.1" --out "$OUTE"
+cp "$OUTE/results.json" $D/humaneval_0-19.json; cp "$OUTE/results.md" $D/humaneval_0-19.md
+cp "$OUTE/passk.png" $D/humaneval_0-19_passk.png
+#     b) vanilla already solves all of 0-19 at k = 16, so vanilla and ESamp lr 1e-3 / 100 warm-up also on every
+#        20th problem from 20 to 160 (28 problems in all; these run as one-problem chunks, which is why the
+#        paper-settings ESamp, below vanilla on 0-19, was not extended)  ->  humaneval_sub.{json,md,png}
+SUB=(--split 0-19,20,40,60,80,100,120,140,160 --point beta=0.25,lr=1e-3,warmup=100)
+.venv/bin/esamp eval passk "${HE[@]}" "${SUB[@]}" --workers 2 --no-plots --out "$OUTE"
+.venv/bin/esamp eval passk "${HE[@]}" "${SUB[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTE"
+cp "$OUTE/results.json" $D/humaneval_sub.json; cp "$OUTE/results.md" $D/humaneval_sub.md
+cp "$OUTE/passk.png" $D/humaneval_sub_passk.png
