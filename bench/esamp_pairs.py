@@ -11,6 +11,7 @@ two different continuations of one prefix.  This prints, over all pairs:
     the loop rate alone also counts repetitions the task asks for, e.g. a docstring copied with its examples).
 
   PYTHONPATH=python python bench/esamp_pairs.py OUT_DIR "vanilla T=1 min_p=0.1" "esamp b=0.25 lr=0.0004 wu=30 min_p=0.1"
+  [--split SPLIT]   (only the problems of SPLIT, e.g. 0-19, read as `esamp eval passk --split` reads it)
 """
 import glob
 import json
@@ -42,10 +43,19 @@ def first_diff(a, b):
 
 
 def main(argv=None):
-    argv = argv or sys.argv[1:]
+    argv = list(argv or sys.argv[1:])
+    split = None
+    if "--split" in argv:
+        i = argv.index("--split")
+        split, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     out_dir, base, other = argv[:3]
     A, B = load(out_dir, base), load(out_dir, other)
     keys = sorted(set(A) & set(B))
+    if split is not None:
+        from esamp.eval.suites import parse_split
+
+        keep = set(parse_split(split, {}, 1 << 30))
+        keys = [k for k in keys if int(str(k[1]).rsplit("/", 1)[-1]) in keep]
     if not keys:
         raise SystemExit("no common (seed, problem) records")
     same, offs = 0, []

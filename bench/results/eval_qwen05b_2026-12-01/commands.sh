@@ -137,13 +137,7 @@ cp "$OUTE/results.json" $D/humaneval_sub.json; cp "$OUTE/results.md" $D/humaneva
 cp "$OUTE/passk.png" $D/humaneval_sub_passk.png
 #     c) paired per-sample analysis (which samples change; samples at the token budget and in a loop)
 for P in 0-19 sub; do
-  [ $P = 0-19 ] && SP=(--split 0-19) || SP=("${SUB[@]:0:2}")
-  O=$OUTE.pairs_$P; rm -rf "$O"; mkdir -p "$O/runs"
-  for f in "$OUTE"/runs/*.json; do   # the runs of this split's problems only
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); ok=set(sys.argv[2:]); sys.exit(0 if set(d['problems'])<=ok else 1)" \
-      "$f" $(PYTHONPATH=python .venv/bin/python -c "from esamp.eval.suites import parse_split; import sys; print(' '.join(f'HumanEval/{i}' for i in parse_split(sys.argv[1], {}, 164)))" "${SP[1]}") \
-      && cp "$f" "$O/runs/"
-  done
-  PYTHONPATH=python .venv/bin/python bench/esamp_pairs.py "$O" "vanilla T=1 min_p=0.1" \
-      "esamp b=0.25 lr=0.001 wu=100 min_p=0.1" > $D/pairs_humaneval_$P.txt
+  [ $P = 0-19 ] && SP=0-19 || SP=${SUB[1]}
+  PYTHONPATH=python .venv/bin/python bench/esamp_pairs.py "$OUTE" "vanilla T=1 min_p=0.1" \
+      "esamp b=0.25 lr=0.001 wu=100 min_p=0.1" --split $SP > $D/pairs_humaneval_$P.txt
 done
