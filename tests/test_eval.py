@@ -471,6 +471,59 @@ def test_cli_diversity_on_tiny_model(tmp_path):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["prompts"] == ["w1 w2", "w7 w8 w9"] and len(res["methods"]) == 3
+    # --dtype auto (the default) ran the model in the dtype resolve_dtype picks for this CPU, and says so
+    from esamp.models import resolve_dtype
+
+    assert res["settings"]["dtype"] == resolve_dtype("auto")[0]
+    assert f"({res['settings']['dtype']})." in (out / "results.md").read_text().splitlines()[0]
+
+
+def test_resolve_dtype_reads_the_cpu_flags(tmp_path):
+    from esamp.models import native_bf16, resolve_dtype
+
+    def cpuinfo(flags):
+        p = tmp_path / f"cpuinfo_{flags[-1]}"
+        p.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: " + " ".join(flags) + "\n\nprocessor\t: 1\n")
+        return str(p)
+
+    avx2 = cpuinfo(["fpu", "sse2", "avx2", "fma"])
+    zen4 = cpuinfo(["fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"])
+    spr = cpuinfo(["fpu", "avx2", "avx512f", "amx_bf16", "amx_tile"])
+    assert native_bf16(avx2) == (False, "the CPU has neither avx512_bf16 nor amx_bf16")
+    assert native_bf16(zen4) == (True, "the CPU has avx512_bf16")
+    assert native_bf16(spr) == (True, "the CPU has amx_bf16")
+    assert native_bf16(str(tmp_path / "absent"))[0] is False
+    assert resolve_dtype("auto", avx2) == ("float32", "auto: the CPU has neither avx512_bf16 nor amx_bf16")
+    assert resolve_dtype("auto", zen4)[0] == "bfloat16" and resolve_dtype("auto", spr)[0] == "bfloat16"
+    assert resolve_dtype("auto", str(tmp_path / "absent"))[0] == "float32"
+    for name, canon in (("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp32", "float32"), ("float16", "float16")):
+        assert resolve_dtype(name, zen4) == (canon, "asked for") and resolve_dtype(name, avx2)[0] == canon
+    with pytest.raises(ValueError, match="dtype: expected auto or one of"):
+        resolve_dtype("int8")
+
+
+@needs_hf
+def test_diversity_cache_key_holds_the_model_dtype(tiny, tmp_path, monkeypatch):
+    """A bfloat16 run is not a float32 run: the cache of one must not answer for the other."""
+    from esamp.eval import diversity
+
+    model, tok = tiny
+    methods = diversity.build_methods(temperatures=[1.0], baselines=["vanilla"], betas=[])
+    prompts = [{"id": "0", "prompt": PROMPTS[0]}]
+    kw = dict(n=2, max_new_tokens=4, seeds=[0], out_dir=str(tmp_path), chat=False, embedder=HashEmbedder(),
+              progress=False, log=lambda s: None)
+    calls = []
+    real = diversity.run_method
+    monkeypatch.setattr(diversity, "run_method", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r32 = diversity.run_diversity(model, tok, prompts, methods, **kw)
+    diversity.run_diversity(model, tok, prompts, methods, **kw)
+    assert len(calls) == 1 and r32["settings"]["dtype"] == "float32"           # the second call was cached
+    import copy
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    r16 = diversity.run_diversity(m16, tok, prompts, methods, **kw)
+    assert len(calls) == 2 and r16["settings"]["dtype"] == "bfloat16"          # ran again, in bfloat16
+    assert len(os.listdir(tmp_path / "runs")) == 2
 
 
 @needs_hf

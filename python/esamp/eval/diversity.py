@@ -269,7 +269,10 @@ def run_diversity(model, tokenizer, prompts: Sequence[Dict[str, str]], methods: 
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
     texts = [p["prompt"] for p in prompts]
-    settings = {"prompts": texts, "n": n, "max_new_tokens": max_new_tokens, "chat": chat, "model": model_name}
+    # the dtype the model runs in is part of every cached run's key (a bfloat16 run is not a float32 run)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    settings = {"prompts": texts, "n": n, "max_new_tokens": max_new_tokens, "chat": chat, "model": model_name,
+                "dtype": dtype}
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     embedder = embedder or metrics.Embedder()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -224,7 +224,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
     runs, fr = results["runs"], results.get("frontier") or analyse(results)
     seeds = st["seeds"]
     lines = [f"{len(st['prompts'])} prompts x n = {st['n']} samples, {st['max_new_tokens']} new tokens, seeds "
-             f"{', '.join(str(s) for s in seeds)} (mean ± sample std over seeds), model {st['model']}.", ""]
+             f"{', '.join(str(s) for s in seeds)} (mean ± sample std over seeds), model {st['model']}"
+             + (f" ({st['dtype']})" if st.get("dtype") else "") + ".", ""]
     lines += ["| method | T | min-p | similarity ↓ | Vendi ↑ | distinct-1 ↑ | distinct-2 ↑ | PPL ↓ | loop rate ↓ "
               "| tail rate ↓ | within distinct-2 ↑ | tokens | EOS rate | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
