@@ -27,7 +27,7 @@ cp "$OUTB/results.json" $D/gsm8k_dev_bf16.json; cp "$OUTB/results.md" $D/gsm8k_d
 
 # 3. Vanilla's filter grid on dev (bf16; T 1 is vanilla's best temperature, 2026-12-01): min-p 0.05 on problems
 #    16-49 (0-15 was run in float32 on 2026-12-01: below min-p 0.1) and no filter (min-p 0) on 16-31, each beside
-#    vanilla min-p 0.1 of step 2 (cached)  ->  minp_16-49_bf16.{json,md}, minp0_16-31_bf16.{json,md}
+#    vanilla min-p 0.1 of step 2 (cached)  ->  minp_16-49_bf16.{json,md}, minp0_16-31_bf16.{json,md},
 .venv/bin/python -m esamp eval passk "${G[@]}" --split 16-49 --no-vanilla-grid --vanilla-point temperature=1,min_p=0.05
 .venv/bin/python -m esamp eval passk "${G[@]}" --split 16-31 --no-vanilla-grid --vanilla-point temperature=1,min_p=0
 .venv/bin/python -m esamp eval passk "${G[@]}" --split 16-49 --vanilla-point temperature=1,min_p=0.05 \
@@ -36,6 +36,12 @@ cp "$OUTB/results.json" $D/minp_16-49_bf16.json; cp "$OUTB/results.md" $D/minp_1
 .venv/bin/python -m esamp eval passk "${G[@]}" --split 16-31 --vanilla-point temperature=1,min_p=0.05 \
     --vanilla-point temperature=1,min_p=0 --baseline "vanilla T=1 min_p=0.1"
 cp "$OUTB/results.json" $D/minp0_16-31_bf16.json; cp "$OUTB/results.md" $D/minp0_16-31_bf16.md
+#    then no filter on the rest of dev (two workers), against min-p 0.1 on all of dev  ->  minp0_dev_bf16.{json,md}
+.venv/bin/python -m esamp eval passk "${G[@]}" --split dev --no-vanilla-grid --vanilla-point temperature=1,min_p=0 \
+    --workers 2
+.venv/bin/python -m esamp eval passk "${G[@]}" --split dev --vanilla-point temperature=1,min_p=0 \
+    --baseline "vanilla T=1 min_p=0.1"
+cp "$OUTB/results.json" $D/minp0_dev_bf16.json; cp "$OUTB/results.md" $D/minp0_dev_bf16.md
 
 # 4. The creative frontier with this model: the 20 MT-bench writing + roleplay questions, n = 16, 96 new tokens,
 #    seeds 0 and 1 (each seed's runs in their own single-threaded processes sharing OUTD/runs; the last command
