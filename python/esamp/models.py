@@ -70,6 +70,11 @@ def resolve(path: Optional[Union[str, os.PathLike]]) -> Optional[str]:
     return path
 
 
+# dtype names accepted by load() and resolve_dtype(), with their canonical (torch) name
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+
+
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Tuple[bool, str]:
     """(whether bfloat16 matrix products run natively here, why).  On the CPU: the AVX-512 BF16 or AMX-BF16 flag in
     ``cpuinfo`` (Linux); elsewhere, or without either flag, False -- PyTorch then emulates bf16 and it is several
@@ -94,22 +99,18 @@ def resolve_dtype(dtype: str, cpuinfo: str = "/proc/cpuinfo") -> Tuple[str, str]
     if dtype == "auto":
         ok, why = native_bf16(cpuinfo)
         return ("bfloat16" if ok else "float32"), f"auto: {why}"
-    canon = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-             "float16": "float16", "fp16": "float16"}
-    if not isinstance(dtype, str) or dtype not in canon:
-        raise ValueError(f"dtype: expected auto or one of {sorted(canon)}, got {dtype!r}")
-    return canon[dtype], "asked for"
+    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype: expected auto or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[dtype], "asked for"
 
 
 def _dtype(dtype) -> "torch.dtype":
     import torch
 
     if isinstance(dtype, str):
-        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}
-        if dtype not in table:
-            raise ValueError(f"dtype: expected one of {sorted(table)}, got {dtype!r}")
-        return table[dtype]
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype: expected one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+        return getattr(torch, _DTYPE_NAMES[dtype])
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     return dtype
