@@ -188,10 +188,45 @@ def test_exempt_logit_mode_and_edge_cases():
     assert torch.allclose(exempt_logits(m, z, none, "mass").softmax(-1), m.softmax(-1), atol=1e-6)
     allx = torch.ones(40, dtype=torch.bool)
     assert torch.allclose(exempt_logits(m, z, allx, "mass").softmax(-1), z.softmax(-1), atol=1e-6)
-    with pytest.raises(ValueError, match="mode: expected one of"):
+    with pytest.raises(ValueError, match="mode: expected 'mass' or 'logit'"):
         exempt_logits(m, z, ex, "soft")
-    with pytest.raises(ValueError, match=r"exempt: expected a bool tensor \[V = 40\]"):
+    with pytest.raises(ValueError, match=r"exempt: expected a bool tensor \[V = 40\] or \[B, V\]"):
         exempt_logits(m, z, ex[:10], "mass")
+
+
+def test_exempt_per_row_sets_equal_row_by_row_calls():
+    m, z = _rand_mz(seed=2)
+    g = torch.Generator().manual_seed(3)
+    ex = torch.rand(5, 40, generator=g) < 0.2
+    ex[4] = False                                      # a row with nothing exempt: ESamp's distribution
+    for mode in ("mass", "logit"):
+        f = exempt_logits(m, z, ex, mode)
+        for r in range(5):
+            fr = exempt_logits(m[r:r + 1], z[r:r + 1], ex[r], mode)
+            assert torch.allclose(f[r:r + 1], fr, atol=1e-6), (mode, r)
+    assert torch.allclose(exempt_logits(m, z, ex, "mass")[4].softmax(-1), m[4].softmax(-1), atol=1e-6)
+
+
+def test_recent_exemption_set():
+    from esamp.config import ESampConfig
+
+    es = ExemptESamp(ESampConfig(rank=4), hidden_size=8, exempt_ids=[9], vocab_size=10, mode="recent")
+    assert es.recent_window == 16
+    with pytest.raises(RuntimeError, match="no recent tokens were given"):
+        es._row_exempt(2)
+    es.set_recent(torch.tensor([[5, 7, 12], [-1, 2, 2]]))          # 12 / -1: padding outside [0, V), ignored
+    got = es._row_exempt(2)
+    want = torch.zeros(2, 10, dtype=torch.bool)
+    want[0, [5, 7, 9]] = True
+    want[1, [2, 9]] = True
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="recent tokens for 2 rows, 3 logit rows"):
+        es._row_exempt(3)
+    es.set_recent(torch.zeros(3, 0, dtype=torch.long))            # the first step: only the special tokens
+    assert torch.equal(es._row_exempt(3), es.exempt[None].expand(3, 10))
+    with pytest.raises(ValueError, match=r"tokens: expected \[B, w\]"):
+        es.set_recent(torch.zeros(3, dtype=torch.long))
+    assert ExemptESamp(ESampConfig(rank=4), hidden_size=8, exempt_ids=[9], vocab_size=10).recent_window == 0
 
 
 # ------------------------------------------------------------------------------------------------ frontier
@@ -320,6 +355,41 @@ def test_exempt_sampler_reduces_to_esamp_and_to_vanilla(tiny, min_p):
     assert es.stats()["rows_trained"] == 0
     _gen(model, tok, es, min_p=min_p)
     assert es.stats()["rows_trained"] > 0
+
+
+@needs_hf
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_recent_exemption_in_generate(tiny, min_p):
+    """esamp.hf.generate hands every row its own last 16 tokens before each sample (with and without row
+    compaction: same tokens), and the exemption changes the samples of plain ESamp."""
+    from esamp import hf
+    from esamp.config import ESampConfig
+    from esamp.eval.exempt import make_exempt_sampler
+
+    model, tok = tiny
+    cfg = ESampConfig(beta=2.0, rank=8, warmup_steps=3)
+    seen = []
+
+    def run(compact, record=False):
+        es = make_exempt_sampler(model, cfg, tok, mode="recent")
+        if record:
+            orig = es.set_recent
+            es.set_recent = lambda t: (seen.append(t.clone()), orig(t))[1]
+        return hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=24, seed=3, chat=False, progress=False,
+                           esamp=es, min_p=min_p, compact=compact)
+
+    out = run(False, record=True)
+    rows = [ids for g in out.token_ids for ids in g]
+    assert len(seen) == max(len(r) for r in rows)
+    for k, rec in enumerate(seen):
+        assert rec.shape == (len(rows), min(k, 16))
+        for r, ids in enumerate(rows):
+            if len(ids) > k:                          # the row was still generating at step k
+                assert rec[r].tolist() == ids[max(0, k - 16):k], (k, r)
+    assert run(True).token_ids == out.token_ids
+    plain = hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=24, seed=3, chat=False, progress=False,
+                        esamp=cfg, min_p=min_p)
+    assert plain.token_ids != out.token_ids
 
 
 @needs_hf

@@ -578,6 +578,9 @@ def generate(model: nn.Module, tokenizer, prompts: Union[str, Sequence[Union[str
                 betas = runner.betas
                 if betas is not None and k == 0 and n > 1:
                     betas = betas.repeat_interleave(n, 0)
+                rw = getattr(es, "recent_window", 0)    # samplers that look at each row's own recent tokens
+                if rw:
+                    es.set_recent(out_tok[rows, max(0, k - rw):k])
                 tok, lp = es.sample(logits, t_hat, W, latent_mixed=latent, lm_head_bias=bias, temperature=temperature,
                                     top_k=top_k, top_p=top_p, min_p=min_p, seeds=row_seed, step=k, beta=betas)
                 es.update(train_x, train_t, train_slots)

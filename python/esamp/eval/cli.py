@@ -42,8 +42,8 @@ def _names(s: str) -> List[str]:
 def _exempt(s: str) -> List[Optional[str]]:
     out: List[Optional[str]] = []
     for x in _names(s):
-        if x not in ("none", "mass", "logit"):
-            raise argparse.ArgumentTypeError(f"expected entries none, mass or logit, got {x!r}")
+        if x not in ("none", "mass", "logit", "recent"):
+            raise argparse.ArgumentTypeError(f"expected entries none, mass, logit or recent, got {x!r}")
         out.append(None if x == "none" else x)
     return out
 
@@ -57,7 +57,9 @@ def _point(s: str) -> dict:
         k, v = (x.strip() for x in part.split("=", 1))
         if k in ("warmup", "rank", "layers", "explore"):
             d[k] = int(v)
-        elif k in ("exempt", "mode"):
+        elif k == "exempt":
+            d[k] = _exempt(v)[0]
+        elif k == "mode":
             d[k] = None if v == "none" else v
         else:
             d[k] = float(v)
@@ -81,8 +83,9 @@ def _common(p: argparse.ArgumentParser, *, n: int, max_new_tokens: int, seeds: s
     p.add_argument("--warmup-steps", type=_ints, default=None, help="ESamp warm-up steps, comma-separated")
     p.add_argument("--rank", type=int, default=None, help="distiller rank (default: ESampConfig's)")
     p.add_argument("--exempt", type=_exempt, default=[None],
-                   help="special-token exemption variants of every ESamp point: none, mass, logit (comma-separated; "
-                        "default none)")
+                   help="exemption variants of every ESamp point: none, mass, logit (special tokens keep their base "
+                        "probability), recent (mass over the special tokens and each row's last 16 generated "
+                        "tokens: ESamp cannot raise the chance of a repeat) (comma-separated; default none)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

@@ -15,7 +15,15 @@ per row on the candidate set C of SPEC 3 (computed from the unmixed logits, as a
   kernel with a per-token "beta = 0" mask would compute.  Not shift-invariant: it depends on the offset between l
   and d, so it is the naive variant, evaluated for comparison.
 
-Both are implemented here in Python through the public operators, without touching the kernels: the final logits f
+- ``"recent"`` (repetition-preserving): ``"mass"`` over the special tokens plus, per row, every token the row
+  generated in its last RECENT_WINDOW (16) steps.  ESamp then cannot raise the probability of repeating what the
+  sample just wrote (the sum of those tokens' probabilities is the base model's), and explores only among the other
+  candidates.  Why: the loops ESamp adds on MT-bench are word repetitions ("bracelet bracelet ..."); vanilla at
+  T = 1 almost never loops, and sharpening (T 0.8: 0.3 % loops) does, so a mixing that sharpens a repeat -- (1 + beta)
+  l where the distiller's d is uninformative, or a copy the shallow distiller cannot predict -- is a plausible cause.
+  The row's history is handed over by esamp.hf.generate (``set_recent``); other loops must do the same.
+
+All are implemented here in Python through the public operators, without touching the kernels: the final logits f
 (q = softmax(f) on C, -inf elsewhere) are sampled by ``esamp.ops.reweight`` with beta = 0, T = 1 and no filter,
 i.e. with the very same Gumbel noise (seed, step, token id) as the unexempted sampler, so exempt and plain runs with
 the same seed are coupled token by token.  The cost is one full LM-head product per row and step for the reference
@@ -31,25 +39,27 @@ from .. import _ops as ops
 from ..config import ESampConfig
 from ..sampler import ESamp, _zeros_pred
 
-__all__ = ["ExemptESamp", "exempt_logits", "EXEMPT_MODES", "make_exempt_sampler"]
+__all__ = ["ExemptESamp", "exempt_logits", "EXEMPT_MODES", "RECENT_WINDOW", "make_exempt_sampler"]
 
-EXEMPT_MODES = ("mass", "logit")
+EXEMPT_MODES = ("mass", "logit", "recent")
+RECENT_WINDOW = 16        # "recent": a row's last 16 generated tokens (loops are n-grams of 1-6 tokens)
 
 
 def exempt_logits(m: torch.Tensor, z: torch.Tensor, exempt: torch.Tensor, mode: str) -> torch.Tensor:
     """Final logits f [B, V] (float32; -inf off the candidate set) from ESamp logits m and base logits z.
 
     m, z: float32 [B, V], both already divided by T, finite exactly on the candidate set C (-inf elsewhere).
-    exempt: bool [V] (True = exempt token).  See the module docstring for the two modes."""
-    if mode not in EXEMPT_MODES:
-        raise ValueError(f"mode: expected one of {EXEMPT_MODES}, got {mode!r}")
+    exempt: bool [V] (True = exempt token) or [B, V] (a set per row).  See the module docstring for the modes
+    ("recent" is "mass" with a per-row set: pass mode "mass" here)."""
+    if mode not in ("mass", "logit"):
+        raise ValueError(f"mode: expected 'mass' or 'logit', got {mode!r}")
     if m.shape != z.shape or m.dim() != 2:
         raise ValueError(f"m, z: expected equal [B, V] shapes, got {tuple(m.shape)} and {tuple(z.shape)}")
-    if exempt.shape != (m.shape[1],) or exempt.dtype != torch.bool:
-        raise ValueError(f"exempt: expected a bool tensor [V = {m.shape[1]}], got {exempt.dtype} "
-                         f"{tuple(exempt.shape)}")
+    if exempt.shape not in ((m.shape[1],), tuple(m.shape)) or exempt.dtype != torch.bool:
+        raise ValueError(f"exempt: expected a bool tensor [V = {m.shape[1]}] or [B, V] = {list(m.shape)}, got "
+                         f"{exempt.dtype} {tuple(exempt.shape)}")
     m, z = m.float(), z.float()
-    ex = exempt[None, :].expand_as(m)
+    ex = exempt if exempt.dim() == 2 else exempt[None, :].expand_as(m)
     if mode == "logit":
         return torch.where(ex, z, m)
     ninf = torch.full_like(m, float("-inf"))
@@ -70,7 +80,9 @@ class ExemptESamp(ESamp):
     """An esamp.ESamp whose sampling step exempts the tokens `exempt_ids` from the ESamp intervention.
 
     Pass it to ``esamp.hf.generate(..., esamp=ExemptESamp(...))``.  Warm start, predictions and updates are those of
-    ESamp; only :meth:`mix` (remembers the unmixed LM-head input) and :meth:`sample` differ."""
+    ESamp; only :meth:`mix` (remembers the unmixed LM-head input) and :meth:`sample` differ.  With mode "recent",
+    the loop must call :meth:`set_recent` with each row's last `recent_window` tokens before every sample()
+    (esamp.hf.generate does)."""
 
     def __init__(self, config: Optional[ESampConfig] = None, *, hidden_size: int, exempt_ids: Iterable[int],
                  vocab_size: int, mode: str = "mass", device: Union[str, torch.device] = "cpu",
@@ -88,6 +100,33 @@ class ExemptESamp(ESamp):
         if ids:
             self.exempt[torch.tensor(ids, device=self.device)] = True
         self._hidden: Optional[torch.Tensor] = None
+        self.recent_window = RECENT_WINDOW if mode == "recent" else 0
+        self._recent: Optional[torch.Tensor] = None
+
+    def set_recent(self, tokens: torch.Tensor) -> None:
+        """The rows' recent tokens for the next sample() (mode "recent"): int64 [B, w], w <= recent_window
+        (w = 0 at the first step); ids outside [0, V) (padding of finished rows) are ignored."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected [B, w], got shape {tuple(tokens.shape)}")
+        self._recent = tokens.detach().to(self.device, torch.int64)
+
+    def _row_exempt(self, B: int) -> torch.Tensor:
+        """The exempt set of this step: [V] (modes mass / logit) or [B, V] (mode recent)."""
+        if self.mode != "recent":
+            return self.exempt
+        rec = self._recent
+        if rec is None:
+            raise RuntimeError("ExemptESamp(mode='recent').sample: no recent tokens were given for this step "
+                               "(call set_recent before sample; esamp.hf.generate does)")
+        if rec.shape[0] != B:
+            raise RuntimeError(f"ExemptESamp: recent tokens for {rec.shape[0]} rows, {B} logit rows")
+        V = self.exempt.shape[0]
+        ex = torch.zeros((B, V + 1), dtype=torch.bool, device=self.device)     # column V collects padding
+        ok = (rec >= 0) & (rec < V)
+        ex.scatter_(1, torch.where(ok, rec, torch.full_like(rec, V)), True)
+        ex = ex[:, :V]
+        ex |= self.exempt[None, :]
+        return ex
 
     def mix(self, hidden: torch.Tensor, t_hat: torch.Tensor, temperature=1.0, beta=None) -> torch.Tensor:
         self._hidden = hidden.detach().clone()
@@ -127,8 +166,9 @@ class ExemptESamp(ESamp):
             m = ops.reweight_logits(logits, pred.contiguous(), W, lm_head_bias=lm_head_bias, beta=beta, **filt)
             z = ops.reweight_logits(logits, _zeros_pred(B, W.shape[1], W.dtype, logits.device), W,
                                     lm_head_bias=lm_head_bias, beta=0.0, **filt)
-        f = exempt_logits(m, z, self.exempt, self.mode)
+        f = exempt_logits(m, z, self._row_exempt(B), "logit" if self.mode == "logit" else "mass")
         self._hidden = None
+        self._recent = None
         return ops.reweight(f.contiguous(), _zeros_pred(B, W.shape[1], W.dtype, logits.device), W, beta=0.0,
                             temperature=1.0, seed=seeds, step=step)
 
