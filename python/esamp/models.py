@@ -148,7 +148,7 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, dtype: Union["torch.
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
             if cached is not None:
-                _save_cache(model, tok, cached)
+                _save_cache(model, tok, cached, exist_ok=True)
     else:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model: expected a transformers model folder or a .gguf file, got {path!r}")
@@ -183,7 +183,10 @@ def save_hf(model, tok, out: Union[str, os.PathLike]) -> str:
     return out
 
 
-def _save_cache(model, tok, out: str) -> None:
+def _save_cache(model, tok, out: str, *, exist_ok: bool = False) -> None:
+    """Writes (model, tok) to a temporary sibling of `out` and renames it, so `out` is complete or absent.
+    ``exist_ok``: a complete `out` written meanwhile by another process (two workers converting the same GGUF at
+    once) is kept and this copy dropped, instead of an error."""
     import shutil
     import tempfile
 
@@ -201,7 +204,12 @@ def _save_cache(model, tok, out: str) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (exist_ok and os.path.isfile(os.path.join(out, "config.json"))):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)     # another process saved the same weights first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
