@@ -62,3 +62,28 @@ wait
 .venv/bin/python -m esamp eval diversity "${DV[@]}" "${ALL[@]}" --seeds 0,1
 cp "$OUTD/results.json" $D/mtbench_frontier.json; cp "$OUTD/results.md" $D/mtbench_frontier.md
 cp "$OUTD/frontier.png" $D/mtbench_frontier.png; cp "$OUTD/metric_vs_beta.png" $D/mtbench_metric_vs_beta.png
+
+# 5. (third session of the day: a fresh 2-core AMD EPYC VM WITHOUT AVX-512 BF16 -- AVX2 only -- so the model runs
+#    in float32; code: git 840856d, which adds the exemption mode "recent")  Does the repetition-preserving
+#    exemption remove the loops of step 4's library defaults?  MT-bench as in step 4, in float32 (a float32
+#    frontier of its own: step 4's bf16 runs are not mixed in).  Seed 0: baselines vanilla T 0.8 / 1 / 1.2 and
+#    min-p 0.05 at T 1.2 / 1.4, ESamp library defaults (beta 0.25, lr 4e-4, 30 warm-up, T 1, no filter) without
+#    and with --exempt recent  ->  mtbench_recent_fp32.{json,md,png}.  Seed 1: the two ESamp variants only (no
+#    time for its frontier)  ->  mtbench_recent_fp32_s1.txt (their metrics side by side; absent until those runs
+#    have finished: they had not when the session ended)
+OUTR=${OUTR:-/tmp/esamp_mtbench_fp32}
+DR=(--model qwen2.5-coder-0.5b --dtype float32 --prompts mtbench -n 16 --max-new-tokens 96 --min-p 0.05
+    --lr 4e-4 --warmup-steps 30 --threads 1 --out "$OUTR" --no-progress)
+.venv/bin/python -m esamp eval diversity "${DR[@]}" --baselines vanilla --temperatures 0.8,1,1.2 --beta 0.25 --seeds 0 \
+    --no-plots &
+.venv/bin/python -m esamp eval diversity "${DR[@]}" --baselines min_p --min-p-temperatures 1.2,1.4 --beta 0.25 \
+    --exempt recent --seeds 0 --no-plots &
+wait
+.venv/bin/python -m esamp eval diversity "${DR[@]}" --baselines "" --beta 0.25 --seeds 1 --no-plots &
+.venv/bin/python -m esamp eval diversity "${DR[@]}" --baselines "" --beta 0.25 --exempt recent --seeds 1 --no-plots &
+wait
+.venv/bin/python -m esamp eval diversity "${DR[@]}" --baselines vanilla,min_p --temperatures 0.8,1,1.2 \
+    --min-p-temperatures 1.2,1.4 --beta 0.25 --exempt none,recent --seeds 0
+cp "$OUTR/results.json" $D/mtbench_recent_fp32.json; cp "$OUTR/results.md" $D/mtbench_recent_fp32.md
+cp "$OUTR/frontier.png" $D/mtbench_recent_fp32.png
+.venv/bin/python bench/runs_table.py "$OUTR"/runs/esamp_*_s1_*.json > $D/mtbench_recent_fp32_s1.txt

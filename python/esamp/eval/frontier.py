@@ -213,7 +213,9 @@ def _label(m: Dict[str, Any]) -> str:
         parts.append(f"T {m['temperature']:g}")
     if m["min_p"] > 0:
         parts.append(f"min-p {m['min_p']:g}")
-    if m.get("exempt"):
+    if m.get("exempt") == "recent":
+        parts.append("exempt special + last 16 tokens (recent)")
+    elif m.get("exempt"):
         parts.append(f"exempt special ({m['exempt']})")
     return ", ".join(parts)
 
