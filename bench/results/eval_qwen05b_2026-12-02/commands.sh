@@ -69,8 +69,7 @@ cp "$OUTD/frontier.png" $D/mtbench_frontier.png; cp "$OUTD/metric_vs_beta.png" $
 #    frontier of its own: step 4's bf16 runs are not mixed in).  Seed 0: baselines vanilla T 0.8 / 1 / 1.2 and
 #    min-p 0.05 at T 1.2 / 1.4, ESamp library defaults (beta 0.25, lr 4e-4, 30 warm-up, T 1, no filter) without
 #    and with --exempt recent  ->  mtbench_recent_fp32.{json,md,png}.  Seed 1: the two ESamp variants only (no
-#    time for its frontier)  ->  mtbench_recent_fp32_s1.txt (their metrics side by side; absent until those runs
-#    have finished: they had not when the session ended)
+#    time for its frontier)  ->  mtbench_recent_fp32_s1.txt (their metrics side by side)
 OUTR=${OUTR:-/tmp/esamp_mtbench_fp32}
 DR=(--model qwen2.5-coder-0.5b --dtype float32 --prompts mtbench -n 16 --max-new-tokens 96 --min-p 0.05
     --lr 4e-4 --warmup-steps 30 --threads 1 --out "$OUTR" --no-progress)
