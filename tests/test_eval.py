@@ -229,6 +229,37 @@ def test_recent_exemption_set():
     assert ExemptESamp(ESampConfig(rank=4), hidden_size=8, exempt_ids=[9], vocab_size=10).recent_window == 0
 
 
+def test_repeat_exemption_set():
+    """Mode "repeat": the special tokens, each row's last token and the followers of the last token's earlier
+    occurrences in the window -- and nothing else of the row's history."""
+    from esamp.config import ESampConfig
+
+    es = ExemptESamp(ESampConfig(rank=4), hidden_size=8, exempt_ids=[9], vocab_size=10, mode="repeat")
+    assert es.recent_window == 32
+    es.set_recent(torch.tensor([[1, 2, 3, 1, 4, 5, 1],       # 1 occurred twice before: followers 2 and 4
+                                [6, 7, 8, 6, 12, 3, 8],      # 8 once before, followed by 6; 12 = padding
+                                [4, 12, 0, 12, 4, 1, 12],    # finished row: last is padding -> specials only
+                                [3, 12, 5, 3, 0, 12, 3]]))   # 3 followed by padding (ignored) and by 0
+    want = torch.zeros(4, 10, dtype=torch.bool)
+    want[:, 9] = True
+    want[0, [1, 2, 4]] = True
+    want[1, [8, 6]] = True
+    want[3, [3, 0]] = True
+    assert torch.equal(es._row_exempt(4), want)
+    # brute force over random histories: token c is exempt iff c is special, c == last, or some j < w - 1 has
+    # rec[j] == last and rec[j + 1] == c
+    g = torch.Generator().manual_seed(0)
+    rec = torch.randint(0, 6, (64, 11), generator=g)
+    es.set_recent(rec)
+    got = es._row_exempt(64)
+    for r in range(64):
+        h = rec[r].tolist()
+        exp = {9, h[-1]} | {h[j + 1] for j in range(len(h) - 1) if h[j] == h[-1]}
+        assert set(torch.nonzero(got[r]).flatten().tolist()) == exp, r
+    es.set_recent(torch.zeros(2, 0, dtype=torch.long))            # the first step: only the special tokens
+    assert torch.equal(es._row_exempt(2), es.exempt[None].expand(2, 10))
+
+
 # ------------------------------------------------------------------------------------------------ frontier
 def test_interp():
     pts = [(2.0, 20.0), (1.0, 10.0), (3.0, 0.0)]
@@ -359,9 +390,11 @@ def test_exempt_sampler_reduces_to_esamp_and_to_vanilla(tiny, min_p):
 
 @needs_hf
 @pytest.mark.parametrize("min_p", [0.0, 0.05])
-def test_recent_exemption_in_generate(tiny, min_p):
-    """esamp.hf.generate hands every row its own last 16 tokens before each sample (with and without row
-    compaction: same tokens), and the exemption changes the samples of plain ESamp."""
+@pytest.mark.parametrize("mode", ["recent", "repeat"])
+def test_recent_exemption_in_generate(tiny, min_p, mode):
+    """esamp.hf.generate hands every row its own last `recent_window` tokens (16 for recent, 32 for repeat) before
+    each sample (with and without row compaction: same tokens), and the exemption changes the samples of plain
+    ESamp."""
     from esamp import hf
     from esamp.config import ESampConfig
     from esamp.eval.exempt import make_exempt_sampler
@@ -371,23 +404,24 @@ def test_recent_exemption_in_generate(tiny, min_p):
     seen = []
 
     def run(compact, record=False):
-        es = make_exempt_sampler(model, cfg, tok, mode="recent")
+        es = make_exempt_sampler(model, cfg, tok, mode=mode)
         if record:
             orig = es.set_recent
             es.set_recent = lambda t: (seen.append(t.clone()), orig(t))[1]
-        return hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=24, seed=3, chat=False, progress=False,
+        return hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=40, seed=3, chat=False, progress=False,
                            esamp=es, min_p=min_p, compact=compact)
 
     out = run(False, record=True)
+    w = {"recent": 16, "repeat": 32}[mode]
     rows = [ids for g in out.token_ids for ids in g]
     assert len(seen) == max(len(r) for r in rows)
     for k, rec in enumerate(seen):
-        assert rec.shape == (len(rows), min(k, 16))
+        assert rec.shape == (len(rows), min(k, w))
         for r, ids in enumerate(rows):
             if len(ids) > k:                          # the row was still generating at step k
-                assert rec[r].tolist() == ids[max(0, k - 16):k], (k, r)
+                assert rec[r].tolist() == ids[max(0, k - w):k], (k, r)
     assert run(True).token_ids == out.token_ids
-    plain = hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=24, seed=3, chat=False, progress=False,
+    plain = hf.generate(model, tok, PROMPTS, n=4, max_new_tokens=40, seed=3, chat=False, progress=False,
                         esamp=cfg, min_p=min_p)
     assert plain.token_ids != out.token_ids
 

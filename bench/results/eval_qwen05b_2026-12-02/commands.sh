@@ -86,3 +86,23 @@ wait
 cp "$OUTR/results.json" $D/mtbench_recent_fp32.json; cp "$OUTR/results.md" $D/mtbench_recent_fp32.md
 cp "$OUTR/frontier.png" $D/mtbench_recent_fp32.png
 .venv/bin/python bench/runs_table.py "$OUTR"/runs/esamp_*_s1_*.json > $D/mtbench_recent_fp32_s1.txt
+
+# 6. (fourth session of the day: a fresh 2-core AMD EPYC VM with AVX-512 BF16 again, so bfloat16; code: the commit
+#    that adds the exemption mode "repeat")  A narrower loop exemption: --exempt repeat leaves to the base model only
+#    the special tokens and the tokens that would extend a repetition of the row's last 32 tokens (the last token and
+#    the followers of its earlier occurrences).  MT-bench as in step 4 (bf16, seeds 0 and 1, one single-threaded
+#    process per seed, the whole frontier of its own): baselines vanilla T 0.8 / 1 / 1.2 and min-p 0.05 at
+#    T 1 / 1.2 / 1.4; ESamp library defaults (beta 0.25, lr 4e-4, 30 warm-up, T 1, no filter) without exemption,
+#    with --exempt recent and with --exempt repeat, and beta 0.5 with --exempt repeat
+#    ->  mtbench_repeat.{json,md,png}
+OUTE=${OUTE:-/tmp/esamp_mtbench_repeat}
+DE=(--model qwen2.5-coder-0.5b --dtype bfloat16 --prompts mtbench -n 16 --max-new-tokens 96 --min-p 0.05
+    --lr 4e-4 --warmup-steps 30 --threads 1 --out "$OUTE" --no-progress)
+AE=(--temperatures 0.8,1,1.2 --baselines vanilla,min_p --min-p-temperatures 1,1.2,1.4 --beta 0.25
+    --exempt none,recent,repeat --point beta=0.5,exempt=repeat)
+.venv/bin/python -m esamp eval diversity "${DE[@]}" "${AE[@]}" --seeds 0 --no-plots &
+.venv/bin/python -m esamp eval diversity "${DE[@]}" "${AE[@]}" --seeds 1 --no-plots &
+wait
+.venv/bin/python -m esamp eval diversity "${DE[@]}" "${AE[@]}" --seeds 0,1
+cp "$OUTE/results.json" $D/mtbench_repeat.json; cp "$OUTE/results.md" $D/mtbench_repeat.md
+cp "$OUTE/frontier.png" $D/mtbench_repeat.png

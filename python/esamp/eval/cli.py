@@ -42,8 +42,8 @@ def _names(s: str) -> List[str]:
 def _exempt(s: str) -> List[Optional[str]]:
     out: List[Optional[str]] = []
     for x in _names(s):
-        if x not in ("none", "mass", "logit", "recent"):
-            raise argparse.ArgumentTypeError(f"expected entries none, mass, logit or recent, got {x!r}")
+        if x not in ("none", "mass", "logit", "recent", "repeat"):
+            raise argparse.ArgumentTypeError(f"expected entries none, mass, logit, recent or repeat, got {x!r}")
         out.append(None if x == "none" else x)
     return out
 
@@ -85,7 +85,9 @@ def _common(p: argparse.ArgumentParser, *, n: int, max_new_tokens: int, seeds: s
     p.add_argument("--exempt", type=_exempt, default=[None],
                    help="exemption variants of every ESamp point: none, mass, logit (special tokens keep their base "
                         "probability), recent (mass over the special tokens and each row's last 16 generated "
-                        "tokens: ESamp cannot raise the chance of a repeat) (comma-separated; default none)")
+                        "tokens: ESamp cannot raise the chance of a repeat), repeat (mass over the special tokens "
+                        "and only the tokens that would extend a repetition of the row's last 32 tokens) "
+                        "(comma-separated; default none)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

@@ -22,6 +22,13 @@ per row on the candidate set C of SPEC 3 (computed from the unmixed logits, as a
   T = 1 almost never loops, and sharpening (T 0.8: 0.3 % loops) does, so a mixing that sharpens a repeat -- (1 + beta)
   l where the distiller's d is uninformative, or a copy the shallow distiller cannot predict -- is a plausible cause.
   The row's history is handed over by esamp.hf.generate (``set_recent``); other loops must do the same.
+- ``"repeat"`` (loop-extension preserving, narrower than ``"recent"``): ``"mass"`` over the special tokens plus, per
+  row, only the tokens that would extend a repetition of what the row generated in its last REPEAT_WINDOW (32)
+  steps: the last token y itself (a 1-gram repeat) and every token that followed an earlier occurrence of y in the
+  window (the next token of an n-gram repeat of any length, as an induction copy would predict).  Every other
+  candidate -- among them recent tokens that do not continue a repeat -- is left to ESamp.  Why: "recent" removes the
+  runaway loops on MT-bench but costs a third of the Vendi margin, because text re-uses its recent words far more
+  often than it loops; the set that can start or continue a loop is much smaller.
 
 All are implemented here in Python through the public operators, without touching the kernels: the final logits f
 (q = softmax(f) on C, -inf elsewhere) are sampled by ``esamp.ops.reweight`` with beta = 0, T = 1 and no filter,
@@ -39,10 +46,11 @@ from .. import _ops as ops
 from ..config import ESampConfig
 from ..sampler import ESamp, _zeros_pred
 
-__all__ = ["ExemptESamp", "exempt_logits", "EXEMPT_MODES", "RECENT_WINDOW", "make_exempt_sampler"]
+__all__ = ["ExemptESamp", "exempt_logits", "EXEMPT_MODES", "RECENT_WINDOW", "REPEAT_WINDOW", "make_exempt_sampler"]
 
-EXEMPT_MODES = ("mass", "logit", "recent")
+EXEMPT_MODES = ("mass", "logit", "recent", "repeat")
 RECENT_WINDOW = 16        # "recent": a row's last 16 generated tokens (loops are n-grams of 1-6 tokens)
+REPEAT_WINDOW = 32        # "repeat": the history searched for earlier occurrences of the last token (6-grams x 4 + 8)
 
 
 def exempt_logits(m: torch.Tensor, z: torch.Tensor, exempt: torch.Tensor, mode: str) -> torch.Tensor:
@@ -50,7 +58,7 @@ def exempt_logits(m: torch.Tensor, z: torch.Tensor, exempt: torch.Tensor, mode: 
 
     m, z: float32 [B, V], both already divided by T, finite exactly on the candidate set C (-inf elsewhere).
     exempt: bool [V] (True = exempt token) or [B, V] (a set per row).  See the module docstring for the modes
-    ("recent" is "mass" with a per-row set: pass mode "mass" here)."""
+    ("recent" and "repeat" are "mass" with a per-row set: pass mode "mass" here)."""
     if mode not in ("mass", "logit"):
         raise ValueError(f"mode: expected 'mass' or 'logit', got {mode!r}")
     if m.shape != z.shape or m.dim() != 2:
@@ -80,9 +88,9 @@ class ExemptESamp(ESamp):
     """An esamp.ESamp whose sampling step exempts the tokens `exempt_ids` from the ESamp intervention.
 
     Pass it to ``esamp.hf.generate(..., esamp=ExemptESamp(...))``.  Warm start, predictions and updates are those of
-    ESamp; only :meth:`mix` (remembers the unmixed LM-head input) and :meth:`sample` differ.  With mode "recent",
-    the loop must call :meth:`set_recent` with each row's last `recent_window` tokens before every sample()
-    (esamp.hf.generate does)."""
+    ESamp; only :meth:`mix` (remembers the unmixed LM-head input) and :meth:`sample` differ.  With modes "recent" and
+    "repeat", the loop must call :meth:`set_recent` with each row's last `recent_window` tokens before every
+    sample() (esamp.hf.generate does)."""
 
     def __init__(self, config: Optional[ESampConfig] = None, *, hidden_size: int, exempt_ids: Iterable[int],
                  vocab_size: int, mode: str = "mass", device: Union[str, torch.device] = "cpu",
@@ -100,19 +108,19 @@ class ExemptESamp(ESamp):
         if ids:
             self.exempt[torch.tensor(ids, device=self.device)] = True
         self._hidden: Optional[torch.Tensor] = None
-        self.recent_window = RECENT_WINDOW if mode == "recent" else 0
+        self.recent_window = {"recent": RECENT_WINDOW, "repeat": REPEAT_WINDOW}.get(mode, 0)
         self._recent: Optional[torch.Tensor] = None
 
     def set_recent(self, tokens: torch.Tensor) -> None:
-        """The rows' recent tokens for the next sample() (mode "recent"): int64 [B, w], w <= recent_window
+        """The rows' recent tokens for the next sample() (modes "recent", "repeat"): int64 [B, w], w <= recent_window
         (w = 0 at the first step); ids outside [0, V) (padding of finished rows) are ignored."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected [B, w], got shape {tuple(tokens.shape)}")
         self._recent = tokens.detach().to(self.device, torch.int64)
 
     def _row_exempt(self, B: int) -> torch.Tensor:
-        """The exempt set of this step: [V] (modes mass / logit) or [B, V] (mode recent)."""
-        if self.mode != "recent":
+        """The exempt set of this step: [V] (modes mass / logit) or [B, V] (modes recent / repeat)."""
+        if self.mode not in ("recent", "repeat"):
             return self.exempt
         rec = self._recent
         if rec is None:
@@ -123,6 +131,12 @@ class ExemptESamp(ESamp):
         V = self.exempt.shape[0]
         ex = torch.zeros((B, V + 1), dtype=torch.bool, device=self.device)     # column V collects padding
         ok = (rec >= 0) & (rec < V)
+        if self.mode == "repeat" and rec.shape[1] > 0:
+            # the last token, and the followers of its earlier occurrences in the window
+            last = rec[:, -1:]
+            follows = (rec[:, :-1] == last) & ok[:, :-1] & ok[:, 1:]
+            rec = torch.cat([last, torch.where(follows, rec[:, 1:], torch.full_like(rec[:, 1:], V))], dim=1)
+            ok = torch.cat([ok[:, -1:], follows], dim=1)
         ex.scatter_(1, torch.where(ok, rec, torch.full_like(rec, V)), True)
         ex = ex[:, :V]
         ex |= self.exempt[None, :]

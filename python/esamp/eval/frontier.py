@@ -215,6 +215,8 @@ def _label(m: Dict[str, Any]) -> str:
         parts.append(f"min-p {m['min_p']:g}")
     if m.get("exempt") == "recent":
         parts.append("exempt special + last 16 tokens (recent)")
+    elif m.get("exempt") == "repeat":
+        parts.append("exempt special + repeat-extending tokens (repeat)")
     elif m.get("exempt"):
         parts.append(f"exempt special ({m['exempt']})")
     return ", ".join(parts)
