@@ -87,8 +87,8 @@ cp "$OUTR/results.json" $D/mtbench_recent_fp32.json; cp "$OUTR/results.md" $D/mt
 cp "$OUTR/frontier.png" $D/mtbench_recent_fp32.png
 .venv/bin/python bench/runs_table.py "$OUTR"/runs/esamp_*_s1_*.json > $D/mtbench_recent_fp32_s1.txt
 
-# 6. (fourth session of the day: a fresh 2-core AMD EPYC VM with AVX-512 BF16 again, so bfloat16; code: the commit
-#    that adds the exemption mode "repeat")  A narrower loop exemption: --exempt repeat leaves to the base model only
+# 6. (fourth session of the day: a fresh 2-core AMD EPYC VM with AVX-512 BF16 again, so bfloat16; code: git
+#    0e66bd4, which adds the exemption mode "repeat")  A narrower loop exemption: --exempt repeat leaves to the base model only
 #    the special tokens and the tokens that would extend a repetition of the row's last 32 tokens (the last token and
 #    the followers of its earlier occurrences).  MT-bench as in step 4 (bf16, seeds 0 and 1, one single-threaded
 #    process per seed, the whole frontier of its own): baselines vanilla T 0.8 / 1 / 1.2 and min-p 0.05 at
