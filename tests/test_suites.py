@@ -140,8 +140,13 @@ def test_sandbox_isolation_as_root():
     import shutil
     import tempfile
 
-    # a world-readable folder outside /tmp (the sandbox has a private /tmp): user nobody cannot write there
-    d = tempfile.mkdtemp(dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), prefix=".sbx-test-")
+    # a world-readable folder outside /tmp, /var/tmp and /dev/shm (the sandbox mounts private tmpfs there, which
+    # would hide the folder): user nobody cannot write there.  The checkout's parent, unless the checkout itself
+    # lies under one of them (a mktemp CI clone); then /.
+    base = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if any(base == t or base.startswith(t + os.sep) for t in ("/tmp", "/var/tmp", "/dev/shm")):
+        base = "/"
+    d = tempfile.mkdtemp(dir=base, prefix=".sbx-test-")
     try:
         os.chmod(d, 0o755)
         target = os.path.join(d, "pwned")

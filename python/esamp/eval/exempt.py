@@ -120,7 +120,7 @@ class ExemptESamp(ESamp):
 
     def _row_exempt(self, B: int) -> torch.Tensor:
         """The exempt set of this step: [V] (modes mass / logit) or [B, V] (modes recent / repeat)."""
-        if self.mode not in ("recent", "repeat"):
+        if not self.recent_window:
             return self.exempt
         rec = self._recent
         if rec is None:
